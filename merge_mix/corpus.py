@@ -1,0 +1,346 @@
+"""Domain corpora: read each domain's sources, de-duplicate, split train/held-out.
+
+Documents come from local files only (never a hub). A document's split is decided by
+the SHA-256 of its text, so the split is deterministic and independent of source order,
+and exact duplicates are removed before splitting so no text is in both splits. Long
+documents are then cut at line boundaries into pieces of at most `data.max_doc_bytes`;
+a held-out piece whose exact text also occurs in train is dropped.
+
+The built-in corpora read text that ships with every Python installation that has
+merge-mix installed, found from the running interpreter (`sysconfig`):
+
+- ``python-stdlib``: the standard library's ``.py`` source.
+- ``c-headers``: C and C++ headers from the interpreter's include directory and site-packages.
+- ``config-files``: YAML, TOML, JSON, INI and CFG files from site-packages and the stdlib.
+- ``prose``: package descriptions (``METADATA``), licence texts, Markdown/reST/text
+  documentation in site-packages, and Python's documentation topics (``pydoc_data``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from merge_mix.config import DataSpec, DomainSpec, SourceSpec
+from merge_mix.errors import MergeMixError
+
+# Built-in corpora skip files above this size: a single huge JSON or header would
+# otherwise fill a whole capped domain.
+_BUILTIN_MAX_FILE_BYTES = 256_000
+_SKIP_DIRS = {"__pycache__", ".git", "node_modules"}
+
+
+@dataclass
+class DomainCorpus:
+    """A domain's text, split and cut into pieces, with the counts recorded in the pool."""
+
+    name: str
+    train: list[str] = field(default_factory=list)
+    heldout: list[str] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _site_dirs() -> list[Path]:
+    paths = sysconfig.get_paths()
+    seen: list[Path] = []
+    for key in ("purelib", "platlib"):
+        p = Path(paths[key]).resolve()
+        if p.is_dir() and p not in seen:
+            seen.append(p)
+    return seen
+
+
+def _walk(roots: list[Path], suffixes: tuple[str, ...], names: tuple[str, ...] = ()) -> list[Path]:
+    """Files under `roots` with one of `suffixes` (or an exact name prefix), sorted."""
+    found: set[Path] = set()
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for path in root.rglob("*"):
+            if any(part in _SKIP_DIRS for part in path.parts):
+                continue
+            name = path.name
+            if name.endswith(suffixes) or (names and name.startswith(names)):
+                try:
+                    if path.is_file() and path.stat().st_size <= _BUILTIN_MAX_FILE_BYTES:
+                        found.add(path)
+                except OSError:
+                    continue
+    return sorted(found)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if b"\x00" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _metadata_body(text: str) -> str:
+    """The long description of a METADATA file: everything after the header block."""
+    _, sep, body = text.partition("\n\n")
+    return body if sep else ""
+
+
+def _builtin_documents(name: str) -> Iterator[str]:
+    paths = sysconfig.get_paths()
+    stdlib = Path(paths["stdlib"]).resolve()
+    site = _site_dirs()
+    if name == "python-stdlib":
+        for p in _walk([stdlib], (".py",)):
+            if "site-packages" in p.parts or "dist-packages" in p.parts:
+                continue
+            text = _read_text(p)
+            if text is not None:
+                yield text
+    elif name == "c-headers":
+        roots = [Path(paths["include"]).resolve(), *site]
+        for p in _walk(roots, (".h", ".hpp", ".hh", ".cuh")):
+            text = _read_text(p)
+            if text is not None:
+                yield text
+    elif name == "config-files":
+        suffixes = (".yaml", ".yml", ".toml", ".json", ".cfg", ".ini")
+        for p in _walk([*site, stdlib], suffixes):
+            if "site-packages" in p.parts and not any(p.is_relative_to(s) for s in site):
+                continue
+            text = _read_text(p)
+            if text is not None:
+                yield text
+    elif name == "prose":
+        for p in _walk(site, ("METADATA",)):
+            text = _read_text(p)
+            if text is not None:
+                yield _metadata_body(text)
+        licence_names = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "AUTHORS")
+        for p in _walk([*site, stdlib], (".md", ".rst", ".txt"), licence_names):
+            if p.suffix in (".py", ".pyc", ".so"):
+                continue
+            if "site-packages" in p.parts and not any(p.is_relative_to(s) for s in site):
+                continue
+            text = _read_text(p)
+            if text is not None:
+                yield text
+        try:
+            from pydoc_data.topics import topics
+        except ImportError:
+            topics = {}
+        for key in sorted(topics):
+            yield topics[key]
+    else:  # config.py refuses unknown names; this guards programmatic use.
+        raise MergeMixError(f"unknown built-in corpus {name!r}")
+
+
+def _records_text(records: Iterator[dict], src: SourceSpec, where: str) -> Iterator[str]:
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or src.text_field not in rec:
+            raise MergeMixError(f"{where}: record {i} has no text field {src.text_field!r}")
+        value = rec[src.text_field]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise MergeMixError(f"{where}: record {i}: field {src.text_field!r} is not text")
+        yield value
+
+
+def _jsonl_records(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                raise MergeMixError(f"{path}:{lineno}: not valid JSON") from None
+
+
+def source_documents(src: SourceSpec, where: str) -> list[str]:
+    """All documents of one source, in a stable order. Fails if the source is empty."""
+    docs: list[str]
+    if src.kind == "builtin":
+        docs = list(_builtin_documents(src.location))
+    elif src.kind == "files":
+        import glob
+
+        matches = sorted(
+            Path(p) for p in glob.glob(src.location, recursive=True) if Path(p).is_file()
+        )
+        if not matches:
+            raise MergeMixError(f"{where}: glob {src.location!r} matched no files")
+        docs = [t for t in (_read_text(p) for p in matches) if t is not None]
+    else:
+        path = Path(src.location)
+        if not path.exists():
+            raise MergeMixError(f"{where}: {path} does not exist")
+        try:
+            if src.kind == "jsonl":
+                docs = list(_records_text(_jsonl_records(path), src, str(path)))
+            elif src.kind == "json":
+                try:
+                    data = json.loads(path.read_text(encoding="utf-8"))
+                except json.JSONDecodeError as exc:
+                    raise MergeMixError(f"{path}: not valid JSON (line {exc.lineno})") from None
+                if isinstance(data, dict) and isinstance(data.get(src.text_field), list):
+                    data = [{src.text_field: t} for t in data[src.text_field]]
+                if not isinstance(data, list):
+                    raise MergeMixError(
+                        f"{path}: expected a list of records or a column {src.text_field!r}"
+                    )
+                docs = list(_records_text(iter(data), src, str(path)))
+            elif src.kind == "csv":
+                with path.open(encoding="utf-8", newline="") as fh:
+                    reader = csv.DictReader(fh)
+                    if reader.fieldnames is None or src.text_field not in reader.fieldnames:
+                        raise MergeMixError(f"{path}: no column {src.text_field!r}")
+                    docs = list(_records_text(iter(reader), src, str(path)))
+            elif src.kind == "parquet":
+                try:
+                    import pyarrow.parquet as pq
+                except ImportError:
+                    raise MergeMixError(
+                        f"{where}: reading parquet needs pyarrow (pip install 'merge-mix[parquet]')"
+                    ) from None
+                schema = pq.read_schema(path)
+                if src.text_field not in schema.names:
+                    raise MergeMixError(f"{path}: no column {src.text_field!r}")
+                column = pq.read_table(path, columns=[src.text_field]).column(0).to_pylist()
+                docs = [t for t in column if isinstance(t, str)]
+            elif src.kind == "hf_disk":
+                docs = _hf_disk_documents(path, src, where)
+            else:
+                raise MergeMixError(f"{where}: unknown source kind {src.kind!r}")
+        except UnicodeDecodeError:
+            raise MergeMixError(f"{path}: not UTF-8 text") from None
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise MergeMixError(f"{where}: source {src.kind}={src.location!r} has no documents")
+    return docs
+
+
+def _hf_disk_documents(path: Path, src: SourceSpec, where: str) -> list[str]:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise MergeMixError(f"{where}: {path} is not a datasets.save_to_disk directory ({exc})")
+    if isinstance(ds, DatasetDict):
+        if src.split is None:
+            if len(ds) != 1:
+                raise MergeMixError(
+                    f"{where}.split: {path} has splits {', '.join(ds)}; name one with 'split'"
+                )
+            ds = next(iter(ds.values()))
+        elif src.split not in ds:
+            raise MergeMixError(f"{where}.split: {path} has no split {src.split!r}")
+        else:
+            ds = ds[src.split]
+    assert isinstance(ds, Dataset)
+    if src.text_field not in ds.column_names:
+        raise MergeMixError(f"{where}: {path} has no column {src.text_field!r}")
+    return [t for t in ds[src.text_field] if isinstance(t, str)]
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def is_heldout(digest: str, fraction: float) -> bool:
+    """Deterministic split: the last 32 bits of the content hash as a uniform draw (the
+    leading bits order documents for the byte cap, so they must not decide the split)."""
+    return int(digest[-8:], 16) / 2**32 < fraction
+
+
+def cut_pieces(text: str, max_bytes: int) -> list[str]:
+    """Cut a document at line boundaries into pieces of at most `max_bytes` UTF-8 bytes.
+    A single line longer than that is cut at a character boundary."""
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode("utf-8"))
+        while n > max_bytes:
+            if current:
+                pieces.append("".join(current))
+                current, size = [], 0
+            head = line.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+            pieces.append(head)
+            line = line[len(head) :]
+            n = len(line.encode("utf-8"))
+        if size + n > max_bytes and current:
+            pieces.append("".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += n
+    if current:
+        pieces.append("".join(current))
+    return pieces
+
+
+def build_domain(domain: DomainSpec, data: DataSpec, where: str) -> DomainCorpus:
+    """Read, de-duplicate, cap, split and cut one domain."""
+    docs: dict[str, str] = {}
+    n_read = 0
+    for i, src in enumerate(domain.sources):
+        for text in source_documents(src, f"{where}.sources[{i}]"):
+            n_read += 1
+            docs.setdefault(text_hash(text), text)
+    # Hash order is a fixed pseudo-random order: a byte cap then samples all sources evenly.
+    kept: list[tuple[str, str]] = []
+    total = 0
+    for digest in sorted(docs):
+        if domain.max_bytes is not None and total >= domain.max_bytes:
+            break
+        kept.append((digest, docs[digest]))
+        total += len(docs[digest].encode("utf-8"))
+    corpus = DomainCorpus(name=domain.name)
+    train_docs = heldout_docs = 0
+    for digest, text in kept:
+        heldout = is_heldout(digest, data.heldout_fraction)
+        pieces = [
+            p
+            for p in cut_pieces(text, data.max_doc_bytes)
+            if len(p.strip().encode("utf-8")) >= data.min_doc_bytes
+        ]
+        (corpus.heldout if heldout else corpus.train).extend(pieces)
+        heldout_docs += heldout
+        train_docs += not heldout
+    train_hashes = {text_hash(p) for p in corpus.train}
+    seen: set[str] = set()
+    unique_heldout = []
+    for p in corpus.heldout:
+        h = text_hash(p)
+        if h not in train_hashes and h not in seen:
+            seen.add(h)
+            unique_heldout.append(p)
+    corpus.heldout = unique_heldout
+    if not corpus.train:
+        raise MergeMixError(f"{where}: no training text left after splitting (add documents)")
+    if not corpus.heldout:
+        raise MergeMixError(
+            f"{where}: no held-out text left after splitting (add documents or raise"
+            " data.heldout_fraction)"
+        )
+    corpus.stats = {
+        "documents_read": n_read,
+        "duplicates_removed": n_read - len(docs),
+        "documents_kept": len(kept),
+        "train_documents": train_docs,
+        "heldout_documents": heldout_docs,
+        "train_pieces": len(corpus.train),
+        "heldout_pieces": len(corpus.heldout),
+        "train_bytes": sum(len(p.encode("utf-8")) for p in corpus.train),
+        "heldout_bytes": sum(len(p.encode("utf-8")) for p in corpus.heldout),
+    }
+    return corpus

@@ -1,0 +1,186 @@
+"""Held-out perplexity: our fast evaluator over the pool's pre-tokenized held-out shards.
+
+What is averaged, exactly
+-------------------------
+For each domain we take held-out pieces in index order (a fixed pseudo-random order)
+until their text tokens reach the domain's token budget; whole pieces only, at least one.
+Each piece with text tokens ``t_0 .. t_{n-1}`` is scored the way lm-evaluation-harness
+scores a ``loglikelihood_rolling`` document: the model sees ``BOS t_0 ... t_{n-2}`` and
+every ``t_i`` is predicted exactly once, in windows of the model's context length
+``L``; window ``k`` predicts ``t[kL : kL+L]`` from the ``L`` preceding inputs (the last
+window is right-aligned, so it keeps up to ``L`` tokens of context). EOS is not scored.
+Then, per domain, over all scored tokens of all its pieces:
+
+- ``loss`` = total negative log-likelihood (nats) / number of scored tokens,
+- ``ppl``  = ``exp(loss)``,
+- ``bpb``  = total negative log-likelihood / (UTF-8 bytes of the pieces * ln 2),
+
+i.e. token-weighted means, not means of per-piece means; ``bpb`` is lm-eval's
+``bits_per_byte`` for the same documents, and does not depend on the tokenizer.
+
+Metric names are ``heldout/<domain>/loss``, ``heldout/<domain>/ppl``, ``heldout/<domain>/bpb``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merge_mix.model import autocast
+from merge_mix.tokens import Shard
+
+
+@dataclass
+class DomainWindows:
+    """One domain's scoring windows, padded to a common length, in piece order."""
+
+    input_ids: torch.Tensor  # (n_windows, L) int64, right-padded
+    labels: torch.Tensor  # (n_windows, L) int64, -100 where not scored
+    piece_end: np.ndarray  # window count after each piece (for token-budget prefixes)
+    piece_tokens: np.ndarray  # cumulative scored tokens after each piece
+    piece_bytes: np.ndarray  # cumulative bytes after each piece
+
+    def prefix(self, max_tokens: int | None) -> tuple[int, int, int]:
+        """(windows, tokens, bytes) of the shortest piece prefix reaching `max_tokens`."""
+        if max_tokens is None:
+            i = len(self.piece_end) - 1
+        else:
+            i = int(np.searchsorted(self.piece_tokens, max_tokens, side="left"))
+            i = min(i, len(self.piece_end) - 1)
+        return int(self.piece_end[i]), int(self.piece_tokens[i]), int(self.piece_bytes[i])
+
+
+def rolling_windows(
+    tokens: np.ndarray, bos: int, seq_len: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """lm-eval's disjoint rolling windows for one piece, as (input ids, labels) pairs.
+
+    With ``x = [BOS] + t[:-1]``, input position ``j`` predicts ``t[j]``. Window ``k``
+    predicts ``t[a:b]`` (``a = kL``) from inputs ``x[s:b]``, ``s = max(0, b - L)``; labels
+    before ``a`` are context only and set to -100."""
+    n = len(tokens)
+    x = np.concatenate([[bos], tokens[:-1]]).astype(np.int64)
+    out = []
+    for a in range(0, n, seq_len):
+        b = min(a + seq_len, n)
+        s = max(0, b - seq_len)
+        labels = np.asarray(tokens[s:b], dtype=np.int64).copy()
+        labels[: a - s] = -100
+        out.append((x[s:b], labels))
+    return out
+
+
+def build_windows(shard: Shard, bos: int, seq_len: int, max_tokens: int | None) -> DomainWindows:
+    """Scoring windows for the held-out pieces of one domain, up to `max_tokens`."""
+    inputs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    piece_end, piece_tokens, piece_bytes = [], [], []
+    tokens_total = bytes_total = 0
+    for i in range(len(shard.index)):
+        toks = shard.piece(i)
+        if len(toks) == 0:
+            continue
+        for inp, lab in rolling_windows(toks, bos, seq_len):
+            pad = seq_len - len(inp)
+            # Right padding is safe: a causal model's earlier positions never see it.
+            inputs.append(np.pad(inp, (0, pad), constant_values=bos))
+            labels.append(np.pad(lab, (0, pad), constant_values=-100))
+        tokens_total += len(toks)
+        bytes_total += int(shard.index[i, 2])
+        piece_end.append(len(inputs))
+        piece_tokens.append(tokens_total)
+        piece_bytes.append(bytes_total)
+        if max_tokens is not None and tokens_total >= max_tokens:
+            break
+    return DomainWindows(
+        input_ids=torch.from_numpy(np.stack(inputs)),
+        labels=torch.from_numpy(np.stack(labels)),
+        piece_end=np.asarray(piece_end),
+        piece_tokens=np.asarray(piece_tokens),
+        piece_bytes=np.asarray(piece_bytes),
+    )
+
+
+class HeldoutSet:
+    """Every domain's held-out scoring windows, built once and kept resident."""
+
+    def __init__(self, windows: dict[str, DomainWindows], max_tokens: int | None):
+        self.windows = windows
+        self.max_tokens = max_tokens
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.windows)
+
+    @classmethod
+    def from_pool_data(
+        cls,
+        data_dir: Path,
+        domains: list[str],
+        bos: int,
+        seq_len: int,
+        max_tokens: int | None,
+    ) -> HeldoutSet:
+        windows = {
+            d: build_windows(Shard.open(data_dir / d, "heldout"), bos, seq_len, max_tokens)
+            for d in domains
+        }
+        return cls(windows, max_tokens)
+
+
+@torch.no_grad()
+def heldout_nll(
+    model,
+    windows: DomainWindows,
+    n_windows: int,
+    device: torch.device,
+    precision: str = "auto",
+    batch_size: int = 16,
+) -> float:
+    """Sum of negative log-likelihoods (nats, float64) over the first `n_windows`."""
+    total = 0.0
+    for lo in range(0, n_windows, batch_size):
+        hi = min(lo + batch_size, n_windows)
+        ids = windows.input_ids[lo:hi].to(device)
+        lab = windows.labels[lo:hi].to(device)
+        with autocast(device, precision):
+            logits = model(input_ids=ids).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), lab.reshape(-1), reduction="sum"
+        )
+        total += float(nll.double())
+    return total
+
+
+def heldout_metrics(
+    model,
+    heldout: HeldoutSet,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    domains: list[str] | None = None,
+) -> dict[str, float]:
+    """Per-domain held-out loss, perplexity and bits per byte (see the module docstring).
+
+    `max_tokens` lowers the per-domain budget below the one the set was built with
+    (cheaper, noisier scores for successive halving)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    for d in domains or heldout.domains:
+        w = heldout.windows[d]
+        n_windows, n_tokens, n_bytes = w.prefix(max_tokens)
+        nll = heldout_nll(model, w, n_windows, device, precision, batch_size)
+        loss = nll / n_tokens
+        out[f"heldout/{d}/loss"] = loss
+        out[f"heldout/{d}/ppl"] = math.exp(min(loss, 700.0))
+        out[f"heldout/{d}/bpb"] = nll / (n_bytes * math.log(2))
+    if was_training:
+        model.train()
+    return out

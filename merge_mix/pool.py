@@ -1,0 +1,629 @@
+"""The pool: one shared base and one component per domain, built from a spec and read back.
+
+Building (`build_pool`) runs the stages in order, each skipped when its artifact exists:
+corpora -> tokenizer -> token shards (``data/``) -> base (``base/``) -> one component per
+domain (``components/<domain>/``). Each stage's record is written last and atomically, and
+``manifest.json`` is rebuilt from those records, under a file lock, after every stage that
+changes them: a pool is complete (``"complete": true``), visibly incomplete, or has no
+manifest at all. See docs/pool-format.md.
+
+Several processes (GPUs, machines on a shared filesystem) can fill one pool: each takes
+a per-component lock, so they split the components between them; ``--only DOMAIN``
+pins a process to one component.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from merge_mix.artifacts import file_lock, library_versions, read_json, write_json_atomic
+from merge_mix.config import PoolSpec
+from merge_mix.errors import MergeMixError
+
+FORMAT = "merge-mix-pool"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Sections that, once built, a spec may not change for the same pool directory.
+FROZEN_SECTIONS = ("seed", "general_share", "general_mix", "data", "tokenizer", "model", "training")
+
+
+def _log(msg: str) -> None:
+    import click
+
+    click.echo(msg, err=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a pool
+
+
+@dataclass
+class Pool:
+    """A pool on disk, read through its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path, require_complete: bool = False) -> Pool:
+        path = Path(path)
+        if not path.is_dir():
+            raise MergeMixError(f"{path}: pool directory not found")
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise MergeMixError(
+                f"{path}: pool is incomplete: no {MANIFEST} (its build was interrupted;"
+                " run `merge-mix train-components` on its spec again to resume)"
+            )
+        try:
+            manifest = read_json(mpath)
+        except (json.JSONDecodeError, OSError) as exc:
+            raise MergeMixError(f"{mpath}: unreadable manifest ({exc})") from None
+        if manifest.get("format") != FORMAT:
+            raise MergeMixError(f"{mpath}: not a merge-mix pool manifest")
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise MergeMixError(
+                f"{mpath}: pool format {manifest['format_version']} is newer than this"
+                f" merge-mix reads ({FORMAT_VERSION}); upgrade merge-mix"
+            )
+        pool = cls(path=path, manifest=manifest)
+        if require_complete and not manifest.get("complete"):
+            missing = ", ".join(manifest.get("missing", [])) or "?"
+            raise MergeMixError(f"{path}: pool is incomplete: missing components {missing}")
+        if not pool.domains:
+            raise MergeMixError(f"{path}: pool has no finished components yet")
+        return pool
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def domains(self) -> list[str]:
+        """Domains that have a finished component, in spec order."""
+        return list(self.manifest["components"])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path / self.manifest["base"]["path"]
+
+    def component_dir(self, domain: str) -> Path:
+        return self.path / self.manifest["components"][domain]["path"]
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["model"]["seq_len"])
+
+    @property
+    def bos_id(self) -> int:
+        return int(self.manifest["tokenizer"]["bos_id"])
+
+    @property
+    def general_share(self) -> float:
+        return float(self.manifest["general_share"])
+
+    def general_mixture(self) -> np.ndarray:
+        """The all-domain mix every component saw `general_share` of, over `domains`."""
+        g = self.manifest["general_mixture"]
+        return np.array([g.get(d, 0.0) for d in self.domains], dtype=np.float64)
+
+    def natural_mixture(self) -> np.ndarray:
+        """Training-token proportions of the component domains."""
+        t = self.available_tokens()
+        return t / t.sum()
+
+    def available_tokens(self) -> np.ndarray:
+        return np.array(
+            [self.manifest["data"][d]["train"]["tokens"] for d in self.domains], dtype=np.float64
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Building a pool
+
+
+def _component_mixture(
+    domain: str, general: dict[str, float], general_share: float
+) -> dict[str, float]:
+    mix = {d: general_share * p for d, p in general.items()}
+    mix[domain] = mix.get(domain, 0.0) + (1.0 - general_share)
+    return {d: p for d, p in mix.items() if p > 0}
+
+
+def _general_mixture(spec: PoolSpec, data: dict, domains: list[str]) -> dict[str, float]:
+    if spec.general_mix == "uniform":
+        return {d: 1.0 / len(domains) for d in domains}
+    tokens = {d: data["domains"][d]["train"]["tokens"] for d in domains}
+    total = sum(tokens.values())
+    return {d: t / total for d, t in tokens.items()}
+
+
+def _sources_hash(spec: PoolSpec, domain: str) -> str:
+    d = next(x for x in spec.domains if x.name == domain)
+    blob = json.dumps(dataclasses.asdict(d), sort_keys=True) + json.dumps(
+        dataclasses.asdict(spec.data), sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _frozen_spec(spec: PoolSpec) -> dict[str, Any]:
+    full = spec.to_dict()
+    return {k: full[k] for k in FROZEN_SECTIONS}
+
+
+def _check_same_spec(spec: PoolSpec, pool_dir: Path) -> None:
+    """Refuse to mix two specs in one directory; allow adding domains (growth)."""
+    path = pool_dir / "spec.json"
+    if not path.is_file():
+        return
+    old = read_json(path)
+    new = _frozen_spec(spec)
+    for section in FROZEN_SECTIONS:
+        if old["frozen"].get(section) != new[section]:
+            a, b = old["frozen"].get(section), new[section]
+            detail = ""
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                if diff:
+                    k = diff[0]
+                    section = f"{section}.{k}"
+                    detail = f" ({a.get(k)!r} in the pool, {b.get(k)!r} in the spec)"
+            else:
+                detail = f" ({a!r} in the pool, {b!r} in the spec)"
+            raise MergeMixError(
+                f"{spec.spec_path}: {section} differs from the spec pool {pool_dir} was built"
+                f" with{detail}; use a new output_dir for a different spec"
+            )
+    removed = [d for d in old["domains"] if d not in spec.domain_names]
+    if removed:
+        raise MergeMixError(
+            f"{spec.spec_path}: domains.{removed[0]}: in pool {pool_dir} but not in the spec"
+            " (a pool only grows; use a new output_dir to drop a domain)"
+        )
+    for d in spec.domain_names:
+        if d in old["sources"] and old["sources"][d] != _sources_hash(spec, d):
+            raise MergeMixError(
+                f"{spec.spec_path}: domains.{d}.sources differ from those pool {pool_dir} was"
+                " built with; use a new domain name or a new output_dir"
+            )
+
+
+def _prepare_data(spec: PoolSpec, pool_dir: Path) -> dict:
+    """Corpora, tokenizer and token shards for every spec domain not yet in data.json."""
+    from merge_mix.corpus import build_domain
+    from merge_mix.tokens import load_tokenizer, token_dtype, train_tokenizer, write_shard
+
+    data_path = pool_dir / "data" / "data.json"
+    data = read_json(data_path) if data_path.is_file() else {"domains": {}}
+    todo = [d for d in spec.domains if d.name not in data["domains"]]
+    if not todo:
+        return data
+    corpora = {}
+    for d in todo:
+        _log(f"[{spec.name}] reading domain {d.name!r}")
+        corpora[d.name] = build_domain(d, spec.data, f"{spec.spec_path}: domains.{d.name}")
+    tok_dir = pool_dir / "tokenizer"
+    if not (tok_dir / "tokenizer_config.json").is_file():
+        if spec.tokenizer.path is not None:
+            tokenizer = load_tokenizer(spec.tokenizer.path)
+        else:
+            _log(f"[{spec.name}] training a {spec.tokenizer.vocab_size}-token byte-level BPE")
+            tokenizer = train_tokenizer(
+                {k: v.train for k, v in corpora.items()},
+                spec.tokenizer.vocab_size,
+                spec.tokenizer.sample_bytes,
+            )
+        tmp = pool_dir / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        tmp.rename(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    data["token_dtype"] = token_dtype(len(tokenizer)).str
+    for name, corpus in corpora.items():
+        _log(f"[{spec.name}] tokenizing domain {name!r}")
+        out = pool_dir / "data" / name
+        train = write_shard(tokenizer, corpus.train, out, "train")
+        heldout = write_shard(tokenizer, corpus.heldout, out, "heldout")
+        data["domains"][name] = {
+            "sources_hash": _sources_hash(spec, name),
+            "corpus": corpus.stats,
+            "train": train,
+            "heldout": heldout,
+        }
+    write_json_atomic(data_path, data)
+    return data
+
+
+def _check_budgets(spec: PoolSpec, data: dict, general: dict[str, float], base_needed: bool):
+    """Refuse budgets that repeat a domain's training data more than `max_epochs` times."""
+    t = spec.training
+    for d in spec.domain_names:
+        available = data["domains"][d]["train"]["tokens"]
+        need = []
+        if base_needed:
+            need.append(("base", t.base_tokens * general.get(d, 0.0), "training.base_tokens"))
+        for c in spec.domain_names:
+            share = _component_mixture(c, general, spec.general_share).get(d, 0.0)
+            need.append((f"component {c!r}", t.component_tokens * share, "training.component_tokens"))
+        who, tokens, field = max(need, key=lambda x: x[1])
+        epochs = tokens / max(available, 1)
+        if epochs > spec.max_epochs:
+            raise MergeMixError(
+                f"{spec.spec_path}: {field}: {who} would see domain {d!r} {epochs:.1f} times"
+                f" ({tokens:,.0f} of its {available:,} training tokens), over max_epochs"
+                f" ({spec.max_epochs:g}); lower the budget, add data, or raise max_epochs"
+            )
+
+
+def _heldout_set(pool_dir: Path, domains: list[str], spec: PoolSpec, bos: int):
+    from merge_mix.evaluate import HeldoutSet
+
+    return HeldoutSet.from_pool_data(
+        pool_dir / "data", domains, bos, spec.model.seq_len, spec.training.eval_tokens
+    )
+
+
+def _record_losses(model, heldout, device, precision) -> dict[str, dict[str, float]]:
+    from merge_mix.evaluate import heldout_metrics
+
+    metrics = heldout_metrics(model, heldout, device, precision)
+    return {
+        d: {m: round(metrics[f"heldout/{d}/{m}"], 6) for m in ("loss", "ppl", "bpb")}
+        for d in heldout.domains
+    }
+
+
+def _train_member(
+    spec: PoolSpec,
+    pool_dir: Path,
+    name: str,
+    out_dir: Path,
+    init_from: Path | None,
+    mixture: dict[str, float],
+    total_tokens: int,
+    data: dict,
+    tokenizer,
+    device,
+    seed_offset: int,
+    step_callback,
+    show_progress: bool,
+) -> dict:
+    """Train one pool member (base or component) in `work/<name>` and save it to `out_dir`."""
+    from merge_mix.model import build_model, count_parameters, load_model, save_model, weights_sha256
+    from merge_mix.tokens import Shard, MixtureSampler, special_ids
+    from merge_mix.train import init_distributed, train_model
+
+    rank, world = init_distributed()
+    bos, eos = special_ids(tokenizer)
+    if init_from is None:
+        model = build_model(spec.model, len(tokenizer), bos, eos, spec.seed)
+    else:
+        model = load_model(init_from)
+    model.to(device)
+    streams = {
+        d: Shard.open(pool_dir / "data" / d, "train").tokens for d in mixture if mixture[d] > 0
+    }
+    sampler = MixtureSampler(streams, mixture, spec.model.seq_len, spec.seed * 1000 + seed_offset)
+    domains = list(data["domains"])
+    heldout = _heldout_set(pool_dir, domains, spec, bos)
+    workdir = pool_dir / "work" / name
+    result = train_model(
+        model,
+        sampler,
+        spec.training,
+        total_tokens,
+        spec.model.seq_len,
+        workdir,
+        device,
+        heldout=heldout,
+        desc=name,
+        step_callback=step_callback,
+        show_progress=show_progress,
+    )
+    if rank != 0:
+        return {}
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    losses = _record_losses(model, heldout, device, spec.training.precision)
+    epochs = {
+        d: round(result.domain_tokens.get(d, 0) / data["domains"][d]["train"]["tokens"], 4)
+        for d in mixture
+    }
+    record = {
+        "path": str(out_dir.relative_to(pool_dir)),
+        "training_mixture": {d: round(p, 6) for d, p in mixture.items()},
+        "realised_mixture": {
+            d: round(t / max(1, result.tokens), 6) for d, t in result.domain_tokens.items()
+        },
+        "tokens_seen": result.tokens,
+        "domain_tokens": result.domain_tokens,
+        "epochs": epochs,
+        "steps": result.steps,
+        "world_size": world,
+        "heldout": losses,
+        "final_train_loss": round(result.final_train_loss, 6),
+        "parameters": count_parameters(model),
+        "seed": spec.seed,
+        "wall_time_s": result.wall_time_s,
+        "initialised_from": None if init_from is None else str(init_from.relative_to(pool_dir)),
+        "versions": library_versions(),
+        "history": result.history,
+    }
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    record["sha256"] = weights_sha256(out_dir)
+    return record
+
+
+def _build_base(spec, pool_dir, data, tokenizer, general, device, step_callback, show_progress):
+    from merge_mix.model import count_parameters, load_model, save_model, weights_sha256
+    from merge_mix.tokens import special_ids
+
+    base_dir = pool_dir / "base"
+    if spec.model.pretrained is not None:
+        _log(f"[{spec.name}] copying pretrained base from {spec.model.pretrained}")
+        model = load_model(spec.model.pretrained)
+        tmp = pool_dir / "base.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(model, tmp)
+        shutil.rmtree(base_dir, ignore_errors=True)
+        tmp.rename(base_dir)
+        heldout = _heldout_set(pool_dir, list(data["domains"]), spec, special_ids(tokenizer)[0])
+        record = {
+            "path": "base",
+            "pretrained_from": spec.model.pretrained,
+            "parameters": count_parameters(model),
+            "heldout": _record_losses(model, heldout, device, spec.training.precision),
+            "versions": library_versions(),
+        }
+        record["sha256"] = weights_sha256(base_dir)
+    else:
+        record = _train_member(
+            spec, pool_dir, "base", base_dir, None, general, spec.training.base_tokens,
+            data, tokenizer, device, 0, step_callback, show_progress,
+        )  # fmt: skip
+    return record
+
+
+def _base_losses_for_new_domains(spec, pool_dir, data, tokenizer, device) -> None:
+    """Grown pools: score the base on domains added after it was built."""
+    from merge_mix.model import load_model
+    from merge_mix.tokens import special_ids
+
+    path = pool_dir / "base" / "base.json"
+    record = read_json(path)
+    missing = [d for d in data["domains"] if d not in record["heldout"]]
+    if not missing:
+        return
+    model = load_model(pool_dir / "base", device)
+    heldout = _heldout_set(pool_dir, missing, spec, special_ids(tokenizer)[0])
+    record["heldout"].update(_record_losses(model, heldout, device, spec.training.precision))
+    write_json_atomic(path, record)
+
+
+def _verified(record_path: Path, model_dir: Path) -> bool:
+    from merge_mix.model import weights_sha256
+
+    if not record_path.is_file():
+        return False
+    record = read_json(record_path)
+    try:
+        ok = weights_sha256(model_dir) == record.get("sha256")
+    except MergeMixError:
+        ok = False
+    if not ok:
+        _log(f"warning: {model_dir}: weights do not match their recorded sha256; retraining")
+        record_path.unlink()
+    return ok
+
+
+def write_manifest(spec: PoolSpec, pool_dir: Path) -> dict:
+    """Rebuild manifest.json from the stage records on disk (under the pool lock)."""
+    with file_lock(pool_dir / ".lock"):
+        data = read_json(pool_dir / "data" / "data.json")
+        base = read_json(pool_dir / "base" / "base.json")
+        components = {}
+        for d in spec.domain_names:
+            p = pool_dir / "components" / d / "component.json"
+            if p.is_file():
+                components[d] = read_json(p)
+        # Domains from the pool's spec record that this spec does not list (never the case
+        # after _check_same_spec) would be dropped here, so keep every recorded component.
+        tok = read_json(pool_dir / "tokenizer" / "merge_mix_tokenizer.json")
+        missing = [d for d in spec.domain_names if d not in components]
+        general = {d: p for d, p in base["general_mixture"].items()}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": spec.name,
+            "complete": not missing,
+            "missing": missing,
+            "general_share": spec.general_share,
+            "general_mixture": general,
+            "tokenizer": tok,
+            "model": {
+                "architecture": "LlamaForCausalLM",
+                "seq_len": spec.model.seq_len,
+                "parameters": base["parameters"],
+            },
+            "data": {d: data["domains"][d] for d in data["domains"]},
+            "base": {k: v for k, v in base.items() if k != "history"},
+            "components": {
+                d: {k: v for k, v in c.items() if k != "history"} for d, c in components.items()
+            },
+            "spec": spec.to_dict(),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": library_versions(),
+        }
+        write_json_atomic(pool_dir / MANIFEST, manifest)
+    return manifest
+
+
+def build_pool(
+    spec: PoolSpec,
+    only: list[str] | None = None,
+    prepare_only: bool = False,
+    show_progress: bool = True,
+    step_callback: Callable[[str, int], None] | None = None,
+) -> Pool | None:
+    """Build (or resume, or grow) the pool a spec describes; return it when complete."""
+    from merge_mix.model import pick_device
+    from merge_mix.tokens import load_tokenizer, special_ids
+
+    pool_dir = spec.output_dir
+    unknown = [d for d in only or [] if d not in spec.domain_names]
+    if unknown:
+        raise MergeMixError(
+            f"--only: {unknown[0]!r} is not a domain of {spec.spec_path}"
+            f" (domains: {', '.join(spec.domain_names)})"
+        )
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if len(only or []) != 1 or not (pool_dir / "base" / "base.json").is_file():
+            raise MergeMixError(
+                "under torchrun, train one component per launch with --only DOMAIN, after"
+                " building the base with `merge-mix train-components SPEC --prepare-only`"
+            )
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(spec.training.device)
+    with file_lock(pool_dir / ".prepare.lock"):
+        _check_same_spec(spec, pool_dir)
+        data = _prepare_data(spec, pool_dir)
+        tokenizer = load_tokenizer(pool_dir / "tokenizer")
+        bos, eos = special_ids(tokenizer)
+        import transformers
+
+        tok_record = {
+            "path": "tokenizer",
+            "vocab_size": len(tokenizer),
+            "bos_id": bos,
+            "eos_id": eos,
+            "class": type(tokenizer).__name__,
+            "sha256": hashlib.sha256(
+                (pool_dir / "tokenizer" / "tokenizer.json").read_bytes()
+            ).hexdigest()
+            if (pool_dir / "tokenizer" / "tokenizer.json").is_file()
+            else None,
+            "transformers": transformers.__version__,
+        }
+        write_json_atomic(pool_dir / "tokenizer" / "merge_mix_tokenizer.json", tok_record)
+        base_path = pool_dir / "base" / "base.json"
+        if base_path.is_file() and _verified(base_path, pool_dir / "base"):
+            general = read_json(base_path)["general_mixture"]
+            _check_budgets(spec, data, general, base_needed=False)
+            _base_losses_for_new_domains(spec, pool_dir, data, tokenizer, device)
+        else:
+            general = _general_mixture(spec, data, spec.domain_names)
+            _check_budgets(
+                spec, data, general, base_needed=spec.model.pretrained is None
+            )
+            record = _build_base(
+                spec, pool_dir, data, tokenizer, general, device,
+                (lambda s: step_callback("base", s)) if step_callback else None, show_progress,
+            )  # fmt: skip
+            if not record:  # a non-zero torchrun rank
+                return None
+            record["general_mixture"] = general
+            write_json_atomic(base_path, record)
+        write_json_atomic(
+            pool_dir / "spec.json",
+            {
+                "frozen": _frozen_spec(spec),
+                "domains": list(data["domains"]),
+                "sources": {d: v["sources_hash"] for d, v in data["domains"].items()},
+            },
+        )
+    write_manifest(spec, pool_dir)
+    if prepare_only:
+        return None
+    for domain in only or spec.domain_names:
+        comp_dir = pool_dir / "components" / domain
+        record_path = comp_dir / "component.json"
+        # Every torchrun rank trains the same component, so only separate launches lock.
+        lock_path = pool_dir / "work" / f"{domain}.lock"
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        with contextlib.nullcontext(True) if distributed else file_lock(lock_path, False) as mine:
+            if not mine:
+                _log(f"[{spec.name}] component {domain!r} is being trained by another process")
+                continue
+            if _verified(record_path, comp_dir):
+                continue
+            _log(f"[{spec.name}] training component {domain!r}")
+            record = _train_member(
+                spec, pool_dir, domain, comp_dir, pool_dir / "base",
+                _component_mixture(domain, general, spec.general_share),
+                spec.training.component_tokens, data, tokenizer, device,
+                1 + spec.domain_names.index(domain),
+                (lambda s, d=domain: step_callback(d, s)) if step_callback else None,
+                show_progress,
+            )  # fmt: skip
+            if not record:
+                continue
+            record["domain"] = domain
+            write_json_atomic(record_path, record)
+            shutil.rmtree(pool_dir / "work" / domain, ignore_errors=True)
+        write_manifest(spec, pool_dir)
+    manifest = read_json(pool_dir / MANIFEST)
+    return Pool(pool_dir, manifest) if manifest["complete"] else None
+
+
+# ---------------------------------------------------------------------------------------
+# Inspecting a pool
+
+
+def format_pool_table(pool_dir: Path) -> str:
+    """`merge-mix pool show`: a pool's domains, budgets, epochs and held-out losses."""
+    pool = Pool.open(pool_dir)
+    m = pool.manifest
+    lines = []
+    state = "complete" if m["complete"] else f"INCOMPLETE (missing: {', '.join(m['missing'])})"
+    params = m["model"]["parameters"]
+    lines.append(
+        f"pool {m['name']} at {pool_dir}: {state}; {len(pool.domains)} components,"
+        f" {params / 1e6:.2f}M parameters each, general_share {m['general_share']:g}"
+    )
+    all_domains = list(m["data"])
+    lines.append("")
+    header = f"{'domain':<14}{'train tok':>11}{'heldout tok':>13}{'comp tok':>11}{'epochs own':>12}"
+    lines.append(header)
+    for d in all_domains:
+        c = m["components"].get(d)
+        lines.append(
+            f"{d:<14}{m['data'][d]['train']['tokens']:>11,}{m['data'][d]['heldout']['tokens']:>13,}"
+            + (f"{c['tokens_seen']:>11,}{c['epochs'].get(d, 0):>12.2f}" if c else f"{'-':>11}{'-':>12}")
+        )
+    lines.append("")
+    lines.append("held-out loss (nats/token); rows: model, columns: evaluated domain")
+    lines.append(f"{'model':<14}" + "".join(f"{d:>12}" for d in all_domains))
+    rows = [("base", m["base"])] + [(f"{d}", c) for d, c in m["components"].items()]
+    for name, rec in rows:
+        cells = []
+        for d in all_domains:
+            v = rec["heldout"].get(d, {}).get("loss")
+            mark = "*" if name == d and v is not None and v < m["base"]["heldout"][d]["loss"] else " "
+            cells.append(f"{v:>11.4f}{mark}" if v is not None else f"{'-':>11} ")
+        lines.append(f"{name:<14}" + "".join(cells))
+    lines.append("* component beats the base on its own domain")
+    return "\n".join(lines)

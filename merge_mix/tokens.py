@@ -1,0 +1,183 @@
+"""Tokenizer and token shards: text pieces -> flat memory-mapped token arrays.
+
+Each domain and split is tokenized once into ``data/<domain>/<split>.tokens``, a flat
+little-endian array (uint16 when the vocabulary fits, else uint32) holding every piece as
+``BOS tokens... EOS``, and ``<split>.index.npy``, an int64 array with one row per piece:
+``(start, n_tokens, n_bytes)``, where ``start`` is the offset of the piece's first text
+token (after its BOS) and ``n_tokens`` excludes BOS and EOS. Training samples windows
+from the flat stream; held-out scoring reads pieces through the index.
+
+`MixtureSampler` draws training sequences from several domains in given proportions.
+A batch is a pure function of (seed, step, micro-step), so a resumed run needs no
+sampler state beyond the step counter, and every process of a torchrun job can draw the
+same global batch and keep its own slice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from merge_mix.errors import MergeMixError
+
+BOS = "<|bos|>"
+EOS = "<|eos|>"
+
+
+def train_tokenizer(texts_by_domain: dict[str, list[str]], vocab_size: int, sample_bytes: int):
+    """Train a byte-level BPE on an even sample of every domain; return a
+    `PreTrainedTokenizerFast` with BOS/EOS (EOS doubles as padding)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    per_domain = max(1, sample_bytes // max(1, len(texts_by_domain)))
+    sample: list[str] = []
+    for texts in texts_by_domain.values():
+        taken = 0
+        for t in texts:
+            if taken >= per_domain:
+                break
+            sample.append(t)
+            taken += len(t.encode("utf-8"))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sample, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1_000_000_000,
+    )
+
+
+def load_tokenizer(path: str | Path):
+    """Load a local tokenizer directory (never remote code, never the hub)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MergeMixError(f"{path}: tokenizer directory not found")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise MergeMixError(f"{path}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+    if tok.eos_token_id is None:
+        raise MergeMixError(f"{path}: tokenizer has no EOS token")
+    return tok
+
+
+def special_ids(tokenizer) -> tuple[int, int]:
+    """(bos, eos) ids; a tokenizer without BOS uses EOS to open documents, as GPT-2 does."""
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    return int(bos), int(eos)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def write_shard(
+    tokenizer, pieces: Sequence[str], out_dir: Path, split: str, batch: int = 512
+) -> dict[str, int]:
+    """Tokenize `pieces` into `<split>.tokens` + `<split>.index.npy`; return counts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bos, eos = special_ids(tokenizer)
+    dtype = token_dtype(len(tokenizer))
+    index = np.zeros((len(pieces), 3), dtype=np.int64)
+    tmp = out_dir / f"{split}.tokens.tmp"
+    pos = 0
+    with tmp.open("wb") as fh:
+        for lo in range(0, len(pieces), batch):
+            chunk = list(pieces[lo : lo + batch])
+            ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            for j, (text, toks) in enumerate(zip(chunk, ids, strict=True)):
+                arr = np.asarray([bos, *toks, eos], dtype=dtype)
+                fh.write(arr.tobytes())
+                index[lo + j] = (pos + 1, len(toks), len(text.encode("utf-8")))
+                pos += len(arr)
+    np.save(out_dir / f"{split}.index.npy", index)
+    tmp.replace(out_dir / f"{split}.tokens")
+    return {
+        "pieces": len(pieces),
+        "tokens": int(index[:, 1].sum()),
+        "stream_tokens": pos,
+        "bytes": int(index[:, 2].sum()),
+    }
+
+
+@dataclass
+class Shard:
+    """One domain/split on disk: the memory-mapped stream and its piece index."""
+
+    tokens: np.ndarray
+    index: np.ndarray
+
+    @classmethod
+    def open(cls, data_dir: Path, split: str) -> Shard:
+        meta_path = data_dir.parent / "data.json"
+        dtype = np.dtype("<u2")
+        if meta_path.is_file():
+            dtype = np.dtype(json.loads(meta_path.read_text())["token_dtype"])
+        path = data_dir / f"{split}.tokens"
+        if not path.is_file():
+            raise MergeMixError(f"{path}: token shard missing (pool incomplete?)")
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        index = np.load(data_dir / f"{split}.index.npy", allow_pickle=False)
+        return cls(tokens=tokens, index=index)
+
+    def piece(self, i: int) -> np.ndarray:
+        start, n, _ = self.index[i]
+        return np.asarray(self.tokens[start : start + n], dtype=np.int64)
+
+
+class MixtureSampler:
+    """Draws (batch, seq_len + 1) token windows from domains in fixed proportions.
+
+    The domain of each sequence is drawn independently with probability `weights[d]`
+    and the window start uniformly over the domain's training stream, from a generator
+    seeded by (seed, step, micro_step): deterministic, resumable and rank-independent.
+    """
+
+    def __init__(
+        self, streams: dict[str, np.ndarray], weights: dict[str, float], seq_len: int, seed: int
+    ):
+        self.domains = [d for d in streams if weights.get(d, 0.0) > 0]
+        if not self.domains:
+            raise MergeMixError("sampler: the training mixture gives no domain a positive weight")
+        w = np.array([weights[d] for d in self.domains], dtype=np.float64)
+        self.probs = w / w.sum()
+        self.streams = [streams[d] for d in self.domains]
+        self.seq_len = seq_len
+        self.seed = seed
+        for d, s in zip(self.domains, self.streams, strict=True):
+            if len(s) < seq_len + 1:
+                raise MergeMixError(
+                    f"domain {d!r}: only {len(s)} training tokens, fewer than seq_len + 1"
+                    f" ({seq_len + 1})"
+                )
+
+    def batch(self, step: int, micro_step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return the token windows and how many sequences came from each domain."""
+        rng = np.random.default_rng([self.seed, step, micro_step])
+        which = rng.choice(len(self.domains), size=batch_size, p=self.probs)
+        out = np.empty((batch_size, self.seq_len + 1), dtype=np.int64)
+        for row, k in enumerate(which):
+            stream = self.streams[k]
+            start = int(rng.integers(0, len(stream) - self.seq_len))
+            out[row] = stream[start : start + self.seq_len + 1]
+        counts = np.bincount(which, minlength=len(self.domains))
+        return out, counts
