@@ -340,7 +340,7 @@ def _macro_spearman(
     confidence: float,
 ) -> Correlation:
     n = len(pairs[0][0])
-    for (x, y), name in zip(pairs, names):
+    for (x, y), name in zip(pairs, names, strict=True):
         reason = _undefined_reason(x, y)
         if reason:
             return Correlation(math.nan, math.nan, math.nan, n, 0, f"{name}: {reason}")
@@ -602,10 +602,6 @@ def loo_fidelity(
     w = _merge_weights(merge_weights, domains)
     targets = _check_targets(proxy, real, len(w))
     n = len(w)
-    if n < MIN_MIXTURES + 1:
-        raise MergeMixError(
-            f"leave-one-out calibration needs at least {MIN_MIXTURES + 1} references, got {n}"
-        )
     # Each fold fits on n - 1 references, so that is the count the forms must fit.
     forms = _forms(forms, n - 1, len(domains), extra=1)
     boot = dict(n_boot=n_boot, seed=seed, confidence=confidence)
@@ -653,8 +649,9 @@ def _fit_gap(
             continue
         x = _features(form, w)
         scores = {}
-        for alpha in sorted(alphas, reverse=True):
-            scores.setdefault(_loo_rmse(x, gap, alpha), alpha)  # ties go to the larger alpha
+        # Ties go to the larger alpha; with no features to penalise, alpha means nothing.
+        for alpha in sorted(alphas, reverse=True) if x.shape[1] else [0.0]:
+            scores.setdefault(_loo_rmse(x, gap, alpha), alpha)
         candidates[form] = min(scores)
         best_alpha[form] = scores[min(scores)]
     tried = [f for f in forms if candidates[f] is not None]
@@ -662,7 +659,7 @@ def _fit_gap(
     form = next(f for f in tried if candidates[f] <= lowest * (1 + 1e-6) + 1e-12)
     intercept, beta = _ridge(_features(form, w), gap, best_alpha[form])
     names = _feature_names(form, domains)
-    coefficients = dict(zip(names, beta.tolist()))
+    coefficients = dict(zip(names, beta.tolist(), strict=True))
     if form.split("+")[0] == "constant":
         coefficients = {"intercept": intercept, **coefficients}
     else:

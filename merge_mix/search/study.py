@@ -1,0 +1,530 @@
+"""The Optuna study behind a search: storage, trial records, the work queue, and exports.
+
+Every scored mixture is one Optuna trial whose value is the objective (to minimise) and whose
+user attributes carry the record (see `TRIAL_ATTRS`). Trials that must be scored exactly once
+per study — baselines, grid points, re-scores of trials a dead worker left running — go
+through Optuna's queue (`enqueue_trial`) with a `key`; a worker that pops a queued trial whose
+key an earlier live trial already holds marks it FAIL as a duplicate, so two workers racing to
+enqueue the same work still score it once, and `trial_rows` keeps one row per key.
+
+Files written by `export_trials` into the run directory (each atomically: temp + rename):
+  trials.jsonl  one JSON object per completed trial, keys in `ROW_KEYS` order
+  trials.csv    the same rows flattened: merge_weights/<d>, effective_mixture/<d>, metrics
+  best.json     the best full-budget trial and how it compares with the baselines
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from merge_mix.errors import MergeMixError
+from merge_mix.objective import Evaluation, Objective
+from merge_mix.search.config import JOURNAL_SUFFIXES
+from merge_mix.search.simplex import U_LOW, normalise, to_unit_cube
+
+TRIAL_ATTRS = {
+    "kind": 'what proposed the mixture: "baseline:uniform", "sampler:tpe", "halving:rung1"...',
+    "worker": "the worker whose quota the trial counts toward",
+    "scored_by": "the worker process that scored it",
+    "merge_weights": "merge weights, a list aligned with the study's domains",
+    "effective_mixture": "the data mixture the merge weights stand for, aligned likewise",
+    "metrics": "every metric the scorer returned",
+    "feasible": "whether the objective's constraints hold",
+    "budget_tokens": "per-domain evaluation budget (None: the scorer's default)",
+    "full_budget": "False for the cheap early rungs of successive halving",
+    "cost_s": "seconds spent scoring",
+    "key": "queued trials only: the unit of work it stands for (deduplicated)",
+}
+ROW_KEYS = (
+    "number",
+    "kind",
+    "worker",
+    "merge_weights",
+    "effective_mixture",
+    "objective",
+    "feasible",
+    "metrics",
+    "budget_tokens",
+    "full_budget",
+    "cost_s",
+)
+BASELINES = ("uniform", "natural")
+MAX_ATTEMPTS = 3
+# A queued trial popped by a worker that died before recording who it was: how long it
+# must have been running before any worker may re-queue it.
+ORPHAN_AFTER = timedelta(seconds=60)
+
+
+def redact(storage: str) -> str:
+    """The storage URL with any password replaced by ***."""
+    if "://" not in storage or "@" not in storage:
+        return storage
+    scheme, rest = storage.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else storage
+
+
+def resolve_storage(storage: str | None, run_dir: Path) -> tuple[Any, str]:
+    """An Optuna storage for `storage` (see `SearchConfig.storage`) and a printable name."""
+    if storage is None:
+        storage = f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
+    if storage.endswith(JOURNAL_SUFFIXES) and "://" not in storage:
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+
+        path = Path(storage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The open(O_EXCL) lock also works where symlinks do not (some network file systems).
+        backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        return JournalStorage(backend), str(path)
+    if "://" not in storage:
+        raise MergeMixError(
+            f"storage: {storage!r} is neither a journal file (.jsonl/.log) nor a database URL"
+        )
+    engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
+    try:
+        return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs), redact(storage)
+    except Exception as err:  # sqlalchemy raises many types; all mean "cannot open it"
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MergeMixError(f"storage: cannot open {redact(storage)}: {message}") from None
+
+
+def distributions(domains: Sequence[str]) -> dict[str, FloatDistribution]:
+    """The unit-cube search space of the tpe/cmaes samplers, one parameter per domain."""
+    return {f"u:{d}": FloatDistribution(U_LOW, 1.0) for d in domains}
+
+
+def unit_cube_params(domains: Sequence[str], weights: np.ndarray) -> dict[str, float]:
+    """Parameters that decode to `weights`, so every trial informs tpe/cmaes."""
+    return {f"u:{d}": float(u) for d, u in zip(domains, to_unit_cube(weights))}
+
+
+def _fingerprint(objective: Objective) -> str:
+    return json.dumps(objective.to_dict(), sort_keys=True)
+
+
+def open_study(
+    run_dir: Path,
+    domains: Sequence[str],
+    objective: Objective,
+    storage: str | None = None,
+    study_name: str = "merge-mix",
+    sampler: Any = None,
+) -> optuna.Study:
+    """Create or load the study; refuse one made for other domains or another objective."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    backend, where = resolve_storage(storage, run_dir)
+    study = optuna.create_study(
+        storage=backend,
+        study_name=study_name,
+        sampler=sampler,
+        direction="minimize",
+        load_if_exists=True,
+    )
+    attrs = study.user_attrs
+    if "domains" not in attrs:
+        study.set_user_attr("domains", list(domains))
+        study.set_user_attr("objective", _fingerprint(objective))
+        from merge_mix import __version__
+
+        study.set_user_attr("merge_mix_version", __version__)
+        return study
+    if list(attrs["domains"]) != list(domains):
+        raise MergeMixError(
+            f"study {study_name!r} in {where} is for domains {attrs['domains']}, not "
+            f"{list(domains)}; use another run directory, storage or study name"
+        )
+    if attrs.get("objective") != _fingerprint(objective):
+        theirs = json.loads(attrs.get("objective", "{}")).get("name", "?")
+        raise MergeMixError(
+            f"study {study_name!r} in {where} was made for objective {theirs!r}, which differs "
+            f"from this run's {objective.name!r}; use another run directory or study name"
+        )
+    return study
+
+
+def study_domains(study: optuna.Study) -> list[str]:
+    """The ordered domain list the study was created for."""
+    return list(study.user_attrs["domains"])
+
+
+# --- the queue ---------------------------------------------------------------------------
+
+
+def enqueue(
+    study: optuna.Study,
+    weights: np.ndarray,
+    kind: str,
+    key: str,
+    *,
+    worker: str | None = None,
+    budget_tokens: int | None = None,
+    full_budget: bool = True,
+    attempt: int = 1,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Queue a mixture to be scored by whichever worker asks next."""
+    domains = study_domains(study)
+    user_attrs = {
+        "kind": kind,
+        "key": key,
+        "merge_weights": [float(x) for x in weights],
+        "budget_tokens": budget_tokens,
+        "full_budget": full_budget,
+        "attempt": attempt,
+        **(extra or {}),
+    }
+    if worker is not None:
+        user_attrs["worker"] = worker
+    study.enqueue_trial(unit_cube_params(domains, weights), user_attrs=user_attrs)
+
+
+def enqueue_once(study: optuna.Study, items: Sequence[tuple[str, str, np.ndarray]]) -> int:
+    """Queue (key, kind, weights) items whose key no live trial holds yet; returns how many."""
+    held = {
+        t.user_attrs.get("key")
+        for t in study.get_trials(deepcopy=False)
+        if t.state != TrialState.FAIL
+    }
+    queued = 0
+    for key, kind, weights in items:
+        if key not in held:
+            enqueue(study, weights, kind, key)
+            queued += 1
+    return queued
+
+
+def earlier_holder(study: optuna.Study, number: int, key: str) -> int | None:
+    """The number of an earlier, not failed trial with the same key, if any."""
+    for t in study.get_trials(deepcopy=False):
+        if t.number < number and t.state != TrialState.FAIL and t.user_attrs.get("key") == key:
+            return t.number
+    return None
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial, scored_by: str) -> bool:
+    """Queue the mixture of a failed trial again (same kind, key and owner), unless it has
+    used up its attempts. Returns whether it was queued."""
+    attrs = trial.user_attrs
+    if "merge_weights" not in attrs or attrs.get("attempt", 1) >= MAX_ATTEMPTS:
+        return False
+    extra = {k: attrs[k] for k in ("halving", "predicted_objective") if k in attrs}
+    enqueue(
+        study,
+        np.asarray(attrs["merge_weights"]),
+        attrs["kind"],
+        attrs.get("key") or f"retry:{trial.number}",
+        worker=attrs.get("worker", scored_by),
+        budget_tokens=attrs.get("budget_tokens"),
+        full_budget=attrs.get("full_budget", True),
+        attempt=attrs.get("attempt", 1) + 1,
+        extra=extra,
+    )
+    return True
+
+
+def recover_stale(study: optuna.Study, worker: str) -> int:
+    """Fail and re-queue the trials a dead process of this worker id left RUNNING (and
+    long-orphaned queued trials nobody claimed). Returns how many were recovered."""
+    recovered = 0
+    now = datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        scored_by = t.user_attrs.get("scored_by")
+        orphan = (
+            scored_by is None
+            and "key" in t.user_attrs
+            and t.datetime_start is not None
+            and now - t.datetime_start > ORPHAN_AFTER
+        )
+        if scored_by != worker and not orphan:
+            continue
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        # Fresh sampler trials of our own are re-queued too: their weights were recorded
+        # before scoring started.
+        requeue(study, t, worker)
+        recovered += 1
+    return recovered
+
+
+# --- records -------------------------------------------------------------------------------
+
+
+def baseline_metrics(study: optuna.Study, name: str) -> dict[str, float] | None:
+    """Metrics of the study's full-budget `baseline:<name>` trial, or None if not scored yet."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        attrs = t.user_attrs
+        if attrs.get("kind") == f"baseline:{name}" and attrs.get("full_budget", True):
+            return dict(attrs["metrics"])
+    return None
+
+
+def check_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scorer's metrics as a plain dict of floats (NaN allowed, strings not)."""
+    try:
+        return {str(k): float(v) for k, v in metrics.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise MergeMixError(
+            "scorer: score() must return a dict of metric name -> number"
+        ) from None
+
+
+def result_attrs(
+    weights: np.ndarray,
+    effective_mixture: np.ndarray,
+    metrics: Mapping[str, float],
+    evaluation: Evaluation,
+    cost_s: float,
+) -> dict[str, Any]:
+    """The user attributes that record a scored trial."""
+    return {
+        "merge_weights": [float(x) for x in weights],
+        "effective_mixture": [float(x) for x in effective_mixture],
+        "metrics": dict(metrics),
+        "feasible": bool(evaluation.feasible),
+        "penalty": float(evaluation.penalty),
+        "cost_s": float(cost_s),
+    }
+
+
+def record_trial(
+    study: optuna.Study,
+    objective: Objective,
+    weights: np.ndarray | Sequence[float],
+    metrics: Mapping[str, float],
+    *,
+    kind: str,
+    worker: str = "main",
+    effective_mixture: np.ndarray | Sequence[float] | None = None,
+    budget_tokens: int | None = None,
+    full_budget: bool = True,
+    cost_s: float = 0.0,
+    extra: Mapping[str, Any] | None = None,
+) -> float:
+    """Record a mixture scored outside `run_search` (e.g. by a gradient-based search) as a
+    completed trial of the study, and return its objective value.
+
+    The objective is computed here, against the study's baseline when it has constraints, so
+    the record is comparable with every other trial. Pass `effective_mixture` when it differs
+    from the merge weights. Returns NaN (and records a FAIL) if the objective is not finite.
+    """
+    domains = study_domains(study)
+    w = normalise(weights, where=f"record_trial({kind}).weights")
+    if len(w) != len(domains):
+        raise MergeMixError(f"record_trial: {len(w)} weights for {len(domains)} domains")
+    mixture = w if effective_mixture is None else np.asarray(effective_mixture, dtype=float)
+    metrics = check_metrics(metrics)
+    baseline = None
+    if objective.constraints:
+        baseline = baseline_metrics(study, objective.baseline)
+        if baseline is None and kind != f"baseline:{objective.baseline}":
+            raise MergeMixError(
+                f"record_trial: the objective's constraints need baseline:{objective.baseline}"
+                " scored first (run_search scores the baselines)"
+            )
+    evaluation = objective.evaluate(metrics, baseline if baseline is not None else metrics)
+    attrs = {
+        "kind": kind,
+        "worker": worker,
+        "scored_by": worker,
+        "budget_tokens": budget_tokens,
+        "full_budget": full_budget,
+        **result_attrs(w, mixture, metrics, evaluation, cost_s),
+        **(extra or {}),
+    }
+    finite = math.isfinite(evaluation.value)
+    constraints = {"baseline_tolerance": max(evaluation.violations.values())} if (
+        evaluation.violations
+    ) and finite else None
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.COMPLETE if finite else TrialState.FAIL,
+            value=evaluation.value if finite else None,
+            params=unit_cube_params(domains, w),
+            distributions=distributions(domains),
+            user_attrs=attrs,
+            constraints=constraints,
+        )
+    )
+    return evaluation.value if finite else float("nan")
+
+
+# --- exports -------------------------------------------------------------------------------
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per completed trial (one per key for queued work), ordered by trial number."""
+    domains = study_domains(study)
+    rows: list[dict[str, Any]] = []
+    seen_keys: set[str] = set()
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    for t in sorted(trials, key=lambda t: t.number):
+        attrs = t.user_attrs
+        if "metrics" not in attrs:
+            continue
+        key = attrs.get("key")
+        if key is not None:
+            if key in seen_keys:
+                continue
+            seen_keys.add(key)
+        row = {
+            "number": t.number,
+            "kind": attrs.get("kind", "external"),
+            "worker": attrs.get("worker"),
+            "merge_weights": dict(zip(domains, attrs["merge_weights"])),
+            "effective_mixture": dict(zip(domains, attrs["effective_mixture"])),
+            "objective": t.value,
+            "feasible": attrs.get("feasible", True),
+            "metrics": attrs["metrics"],
+            "budget_tokens": attrs.get("budget_tokens"),
+            "full_budget": attrs.get("full_budget", True),
+            "cost_s": attrs.get("cost_s"),
+        }
+        rows.append({k: row[k] for k in ROW_KEYS})
+    return rows
+
+
+def best_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The full-budget row with the lowest objective, feasible rows first."""
+    full = [r for r in rows if r["full_budget"]]
+    if not full:
+        return None
+    return min(full, key=lambda r: (not r["feasible"], r["objective"], r["number"]))
+
+
+def _compare(best: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if base is None:
+        return None
+    loss_delta = {
+        key.split("/")[1]: best["metrics"][key] - value
+        for key, value in base["metrics"].items()
+        if key.startswith("heldout/") and key.endswith("/loss") and key in best["metrics"]
+    }
+    return {
+        "number": base["number"],
+        "objective": base["objective"],
+        "feasible": base["feasible"],
+        "beaten": best["objective"] < base["objective"] and best["number"] != base["number"],
+        "objective_delta": best["objective"] - base["objective"],
+        "heldout_loss_delta": loss_delta,
+    }
+
+
+def best_summary(study: optuna.Study, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The content of best.json (see `export_trials`)."""
+    best = best_row(rows)
+    if best is None:
+        raise MergeMixError("search: no full-budget trial completed; nothing to recommend")
+    full = [r for r in rows if r["full_budget"]]
+    baselines = {
+        name: next((r for r in full if r["kind"] == f"baseline:{name}"), None)
+        for name in BASELINES
+    }
+    attrs = study.user_attrs
+    surrogate = [r for r in rows if r["kind"] == "surrogate:topk"]
+    summary = {
+        "domains": study_domains(study),
+        "objective_spec": json.loads(attrs["objective"]),
+        "number": best["number"],
+        "kind": best["kind"],
+        "worker": best["worker"],
+        "merge_weights": best["merge_weights"],
+        "effective_mixture": best["effective_mixture"],
+        "objective": best["objective"],
+        "feasible": best["feasible"],
+        "metrics": best["metrics"],
+        "baselines": {name: _compare(best, base) for name, base in baselines.items()},
+        "n_trials": len(rows),
+        "halving": {k.split(":", 1)[1]: v for k, v in attrs.items() if k.startswith("halving:")},
+        "surrogate": None,
+    }
+    if surrogate:
+        latest = study.trials[surrogate[-1]["number"]].user_attrs
+        summary["surrogate"] = {
+            "number": surrogate[-1]["number"],
+            "objective": surrogate[-1]["objective"],
+            **latest.get("surrogate", {}),
+        }
+    return summary
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path through a temporary file and a rename, so readers never see half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]], domains: Sequence[str]) -> str:
+    metric_names = sorted({k for r in rows for k in r["metrics"]})
+    header = (
+        ["number", "kind", "worker"]
+        + [f"merge_weights/{d}" for d in domains]
+        + [f"effective_mixture/{d}" for d in domains]
+        + ["objective", "feasible"]
+        + metric_names
+        + ["budget_tokens", "full_budget", "cost_s"]
+    )
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow(
+            [r["number"], r["kind"], r["worker"]]
+            + [r["merge_weights"][d] for d in domains]
+            + [r["effective_mixture"][d] for d in domains]
+            + [r["objective"], r["feasible"]]
+            + [r["metrics"].get(m, "") for m in metric_names]
+            + [r["budget_tokens"], r["full_budget"], r["cost_s"]]
+        )
+    return out.getvalue()
+
+
+def export_trials(study: optuna.Study, run_dir: Path) -> dict[str, Any] | None:
+    """Write trials.jsonl, trials.csv and best.json into run_dir; return the best summary
+    (None when no full-budget trial has completed yet, in which case best.json is skipped)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = trial_rows(study)
+    jsonl = "".join(json.dumps(r) + "\n" for r in rows)
+    write_atomic(run_dir / "trials.jsonl", jsonl)
+    write_atomic(run_dir / "trials.csv", _csv_text(rows, study_domains(study)))
+    if best_row(rows) is None:
+        return None
+    summary = best_summary(study, rows)
+    write_atomic(run_dir / "best.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def wait_for_baseline(study: optuna.Study, name: str, poll_s: float = 0.5) -> dict[str, float]:
+    """The baseline's metrics, waiting while another worker is still scoring it."""
+    while True:
+        metrics = baseline_metrics(study, name)
+        if metrics is not None:
+            return metrics
+        pending = [
+            t
+            for t in study.get_trials(
+                deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
+            )
+            if t.user_attrs.get("kind") == f"baseline:{name}"
+        ]
+        if not pending:
+            raise MergeMixError(
+                f"search: the {name} baseline could not be scored, and the objective's "
+                "constraints are relative to it"
+            )
+        time.sleep(poll_s)
