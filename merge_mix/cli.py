@@ -99,6 +99,214 @@ def pool_show(pool: Path) -> None:
     click.echo(format_pool_table(pool))
 
 
+def _merge_options(fn):
+    """Options shared by every command that builds merged proxies from a pool."""
+    options = [
+        click.option(
+            "--keep-base",
+            "keep_base",
+            multiple=True,
+            metavar="PATTERN",
+            help="Keep parameters whose name matches this glob at the base "
+            "(repeatable), e.g. '*embed_tokens*'.",
+        ),
+        click.option(
+            "--stream",
+            is_flag=True,
+            help="Read component tensors from disk at every merge instead of keeping "
+            "them resident (for components that do not fit in memory).",
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto (CUDA, then MPS, then CPU) or a torch device.",
+        ),
+        click.option(
+            "--extrapolate",
+            is_flag=True,
+            help="Allow negative weights and weights that do not sum to 1.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _scorer(pool, keep_base, stream, device, heldout_tokens, **kw):
+    from merge_mix.proxy import ProxyScorer
+
+    return ProxyScorer(
+        pool,
+        device=device,
+        heldout_tokens=heldout_tokens,
+        keep_base=tuple(keep_base),
+        stream=stream,
+        **kw,
+    )
+
+
+def _notice(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@main.command("eval")
+@click.argument("pool", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--weights",
+    "weights",
+    multiple=True,
+    metavar="SPEC",
+    help="Merge weights: NAME=VALUE,... (e.g. code=0.4,c=0.2,prose=0.4), or "
+    "'uniform', 'natural', or a domain name for its pure component. Repeatable. "
+    "Default: uniform, natural and every pure component.",
+)
+@click.option(
+    "--mixture",
+    "mixtures",
+    multiple=True,
+    metavar="SPEC",
+    help="An effective data mixture instead of merge weights (converted using the "
+    "pool's general_share). Repeatable.",
+)
+@click.option(
+    "--tasks",
+    default="",
+    metavar="T1,T2",
+    help="lm-eval tasks to score too (see `merge-mix make-tasks`).",
+)
+@click.option(
+    "--include-path",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where lm-eval finds --tasks (default: eval_tasks/).",
+)
+@click.option("--limit", type=int, default=None, help="lm-eval documents per task.")
+@click.option(
+    "--calibrated",
+    is_flag=True,
+    help="Also report calibrated metrics (needs a calibration saved by `validate`).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--heldout-tokens",
+    type=click.IntRange(min=1),
+    default=16_384,
+    show_default=True,
+    help="Held-out tokens scored per domain.",
+)
+@_merge_options
+def eval_cmd(
+    pool,
+    weights,
+    mixtures,
+    tasks,
+    include_path,
+    limit,
+    calibrated,
+    as_json,
+    keep_base,
+    stream,
+    device,
+    heldout_tokens,
+    extrapolate,
+):
+    """Score mixture proxies of POOL: per-domain held-out loss, perplexity, bits per byte,
+    and lm-eval benchmark scores.
+
+    Each mixture is merged in memory (no files written) and evaluated; the pool stays
+    resident between mixtures.
+    """
+    import json
+
+    from merge_mix.evaluate import format_eval_table
+
+    calibration = None
+    if calibrated:
+        from merge_mix.validate import load_calibration
+
+        calibration = load_calibration(pool)
+    task_list = [t for t in tasks.split(",") if t.strip()]
+    if task_list and include_path is None:
+        include_path = Path("eval_tasks")
+    scorer = _scorer(
+        pool,
+        keep_base,
+        stream,
+        device,
+        heldout_tokens,
+        lmeval_tasks=task_list,
+        lmeval_include=include_path,
+        lmeval_limit=limit,
+        calibration=calibration,
+    )
+    requested = [(w, False) for w in weights] + [(m, True) for m in mixtures]
+    if not requested:
+        requested = [("uniform", False), ("natural", False)] + [(d, False) for d in scorer.domains]
+    rows = []
+    for text, is_mixture in requested:
+        w = scorer.weights(text, as_mixture=is_mixture, extrapolate=extrapolate, notice=_notice)
+        metrics = scorer.score(w)
+        rows.append(
+            {
+                "name": text,
+                "merge_weights": dict(zip(scorer.domains, map(float, w), strict=True)),
+                "effective_mixture": dict(
+                    zip(scorer.domains, map(float, scorer.effective_mixture(w)), strict=True)
+                ),
+                "metrics": metrics,
+                "cost_s": round(scorer.last_cost_s, 4),
+            }
+        )
+    if as_json:
+        click.echo(json.dumps({"pool": str(pool), "mixtures": rows}, indent=2))
+    else:
+        click.echo(format_eval_table(rows, scorer.domains))
+
+
+@main.command("export")
+@click.argument("pool", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--weights",
+    default=None,
+    metavar="SPEC",
+    help="Merge weights (NAME=VALUE,..., 'uniform', 'natural' or a domain name).",
+)
+@click.option("--mixture", default=None, metavar="SPEC", help="An effective data mixture instead.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@_merge_options
+def export_cmd(pool, out, weights, mixture, force, keep_base, stream, device, extrapolate):
+    """Write the mixture proxy of POOL as a Hugging Face model directory OUT (config,
+    safetensors, tokenizer) plus a mergekit YAML that reproduces the merge."""
+    from merge_mix.export import export_proxy
+    from merge_mix.merge import resolve_weights
+    from merge_mix.pool import Pool
+
+    if (weights is None) == (mixture is None):
+        raise MergeMixError("export: give exactly one of --weights or --mixture")
+    p = Pool.open(pool)
+    w = resolve_weights(
+        mixture or weights,
+        p.domains,
+        natural=p.natural_mixture(),
+        general_share=p.general_share,
+        general=p.general_mixture(),
+        as_mixture=mixture is not None,
+        extrapolate=extrapolate,
+        notice=_notice,
+    )
+    from merge_mix.merge import merger_for_pool
+    from merge_mix.model import pick_device
+
+    merger = merger_for_pool(p, pick_device(device), tuple(keep_base), stream)
+    path = export_proxy(p, merger, w, out, force=force)
+    click.echo(
+        f"wrote {path} (load with AutoModelForCausalLM.from_pretrained; "
+        f"mergekit config in {path / 'mergekit.yaml'})"
+    )
+
+
 @main.command("demo")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(quiet: bool) -> None:

@@ -335,7 +335,9 @@ def parse_spec(raw: Any, spec_path: Path) -> PoolSpec:
     known = {f.name for f in dataclasses.fields(PoolSpec)} - {"spec_path"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise MergeMixError(f"{where}: {unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        raise MergeMixError(
+            f"{where}: {unknown[0]}: unknown key (known: {', '.join(sorted(known))})"
+        )
     base_dir = spec_path.parent
     raw_domains = raw.get("domains")
     if not isinstance(raw_domains, dict) or not raw_domains:

@@ -184,3 +184,28 @@ def heldout_metrics(
     if was_training:
         model.train()
     return out
+
+
+def format_eval_table(rows: list[dict], domains: list[str]) -> str:
+    """`merge-mix eval`'s table: one row per mixture; held-out loss per domain, the mean
+    over domains, mean bits per byte, then any benchmark metrics."""
+    extra = sorted({k for r in rows for k in r["metrics"] if not k.startswith("heldout/")})
+    name_w = max(12, *(len(r["name"]) for r in rows)) + 2
+    header = f"{'mixture':<{name_w}}" + "".join(f"{d[:11]:>12}" for d in domains)
+    header += f"{'mean loss':>12}{'mean bpb':>10}" + "".join(f"{k[-24:]:>26}" for k in extra)
+    lines = ["held-out loss (nats/token) per domain", header]
+    for r in rows:
+        m = r["metrics"]
+        losses = [m[f"heldout/{d}/loss"] for d in domains]
+        bpbs = [m[f"heldout/{d}/bpb"] for d in domains]
+        line = f"{r['name']:<{name_w}}" + "".join(f"{v:>12.4f}" for v in losses)
+        line += f"{np.mean(losses):>12.4f}{np.mean(bpbs):>10.4f}"
+        line += "".join(f"{m[k]:>26.4f}" for k in extra)
+        lines.append(line)
+    lines.append("")
+    lines.append("merge weights -> effective data mixture")
+    for r in rows:
+        w = " ".join(f"{d}={r['merge_weights'][d]:.3f}" for d in domains)
+        e = " ".join(f"{d}={r['effective_mixture'][d]:.3f}" for d in domains)
+        lines.append(f"{r['name']:<{name_w}}{w}  ->  {e}")
+    return "\n".join(lines)

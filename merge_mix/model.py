@@ -83,7 +83,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu"):
     if not any(path.glob("*.safetensors")):
         raise MergeMixError(f"{path}: no .safetensors weights (merge-mix loads safetensors only)")
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
             config=config,

@@ -264,7 +264,9 @@ def _check_budgets(spec: PoolSpec, data: dict, general: dict[str, float], base_n
             need.append(("base", t.base_tokens * general.get(d, 0.0), "training.base_tokens"))
         for c in spec.domain_names:
             share = _component_mixture(c, general, spec.general_share).get(d, 0.0)
-            need.append((f"component {c!r}", t.component_tokens * share, "training.component_tokens"))
+            need.append(
+                (f"component {c!r}", t.component_tokens * share, "training.component_tokens")
+            )
         who, tokens, field = max(need, key=lambda x: x[1])
         epochs = tokens / max(available, 1)
         if epochs > spec.max_epochs:
@@ -309,8 +311,14 @@ def _train_member(
     show_progress: bool,
 ) -> dict:
     """Train one pool member (base or component) in `work/<name>` and save it to `out_dir`."""
-    from merge_mix.model import build_model, count_parameters, load_model, save_model, weights_sha256
-    from merge_mix.tokens import Shard, MixtureSampler, special_ids
+    from merge_mix.model import (
+        build_model,
+        count_parameters,
+        load_model,
+        save_model,
+        weights_sha256,
+    )
+    from merge_mix.tokens import MixtureSampler, Shard, special_ids
     from merge_mix.train import init_distributed, train_model
 
     rank, world = init_distributed()
@@ -536,9 +544,7 @@ def build_pool(
             _base_losses_for_new_domains(spec, pool_dir, data, tokenizer, device)
         else:
             general = _general_mixture(spec, data, spec.domain_names)
-            _check_budgets(
-                spec, data, general, base_needed=spec.model.pretrained is None
-            )
+            _check_budgets(spec, data, general, base_needed=spec.model.pretrained is None)
             record = _build_base(
                 spec, pool_dir, data, tokenizer, general, device,
                 (lambda s: step_callback("base", s)) if step_callback else None, show_progress,
@@ -612,7 +618,11 @@ def format_pool_table(pool_dir: Path) -> str:
         c = m["components"].get(d)
         lines.append(
             f"{d:<14}{m['data'][d]['train']['tokens']:>11,}{m['data'][d]['heldout']['tokens']:>13,}"
-            + (f"{c['tokens_seen']:>11,}{c['epochs'].get(d, 0):>12.2f}" if c else f"{'-':>11}{'-':>12}")
+            + (
+                f"{c['tokens_seen']:>11,}{c['epochs'].get(d, 0):>12.2f}"
+                if c
+                else f"{'-':>11}{'-':>12}"
+            )
         )
     lines.append("")
     lines.append("held-out loss (nats/token); rows: model, columns: evaluated domain")
@@ -622,7 +632,9 @@ def format_pool_table(pool_dir: Path) -> str:
         cells = []
         for d in all_domains:
             v = rec["heldout"].get(d, {}).get("loss")
-            mark = "*" if name == d and v is not None and v < m["base"]["heldout"][d]["loss"] else " "
+            mark = (
+                "*" if name == d and v is not None and v < m["base"]["heldout"][d]["loss"] else " "
+            )
             cells.append(f"{v:>11.4f}{mark}" if v is not None else f"{'-':>11} ")
         lines.append(f"{name:<14}" + "".join(cells))
     lines.append("* component beats the base on its own domain")

@@ -71,7 +71,9 @@ def load_tokenizer(path: str | Path):
     if not path.is_dir():
         raise MergeMixError(f"{path}: tokenizer directory not found")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
     except (OSError, ValueError) as exc:
         raise MergeMixError(f"{path}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
     if tok.eos_token_id is None:

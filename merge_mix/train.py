@@ -208,9 +208,7 @@ def train_model(
                 group["lr"] = lr
             loss_sum = 0.0
             for micro in range(spec.grad_accum):
-                global_batch, batch_counts = sampler.batch(
-                    step, micro, spec.batch_size * world
-                )
+                global_batch, batch_counts = sampler.batch(step, micro, spec.batch_size * world)
                 counts += batch_counts
                 rows = global_batch[rank * spec.batch_size : (rank + 1) * spec.batch_size]
                 batch = torch.from_numpy(rows).to(device)
@@ -235,8 +233,10 @@ def train_model(
                 "tok/s": f"{run_tokens / max(1e-9, time.perf_counter() - run_started):.0f}",
             }
             record = {"step": step, "train_loss": round(loss_sum, 5), "lr": lr}
-            if heldout is not None and spec.eval_every and (
-                step % spec.eval_every == 0 or step == total_steps
+            if (
+                heldout is not None
+                and spec.eval_every
+                and (step % spec.eval_every == 0 or step == total_steps)
             ):
                 metrics = heldout_metrics(model, heldout, device, spec.precision)
                 losses = [v for k, v in metrics.items() if k.endswith("/loss")]
@@ -272,4 +272,3 @@ def train_model(
         final_train_loss=float(state["last_loss"]),
         history=state["history"],
     )
-

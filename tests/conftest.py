@@ -43,8 +43,10 @@ def tiny_spec_dict(root: Path, output: str = "pool") -> dict:
         "seed": 0,
         "domains": {
             "code": {
-                "sources": [{"files": str(stdlib / "json" / "*.py")},
-                            {"files": str(stdlib / "email" / "*.py")}],
+                "sources": [
+                    {"files": str(stdlib / "json" / "*.py")},
+                    {"files": str(stdlib / "email" / "*.py")},
+                ],
                 "max_bytes": 200_000,
             },
             "c": {"sources": [{"files": str(include / "*.h")}], "max_bytes": 200_000},
@@ -52,11 +54,24 @@ def tiny_spec_dict(root: Path, output: str = "pool") -> dict:
         },
         "data": {"heldout_fraction": 0.15, "max_doc_bytes": 2048},
         "tokenizer": {"vocab_size": 512, "sample_bytes": 150_000},
-        "model": {"hidden_size": 48, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2,
-                  "intermediate_size": 128, "seq_len": 64},
-        "training": {"base_tokens": 60_000, "component_tokens": 40_000, "batch_size": 8,
-                     "lr": 5e-3, "warmup_steps": 5, "eval_every": 0, "eval_tokens": 4096,
-                     "checkpoint_every": 10},
+        "model": {
+            "hidden_size": 48,
+            "num_layers": 2,
+            "num_heads": 2,
+            "num_kv_heads": 2,
+            "intermediate_size": 128,
+            "seq_len": 64,
+        },
+        "training": {
+            "base_tokens": 60_000,
+            "component_tokens": 40_000,
+            "batch_size": 8,
+            "lr": 5e-3,
+            "warmup_steps": 5,
+            "eval_every": 0,
+            "eval_tokens": 4096,
+            "checkpoint_every": 10,
+        },
     }
 
 

@@ -74,6 +74,16 @@ def test_bootstrap_interval_contains_estimate_and_is_seeded():
         assert a.n == 12 and a.n_boot == N_BOOT
 
 
+def test_interval_is_the_percentile_interval_of_scipy_on_resamples():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=10)
+    y = x + rng.normal(size=10)
+    idx = np.random.default_rng(11).integers(0, 10, size=(200, 10))
+    stats = [scipy.stats.kendalltau(x[i], y[i])[0] for i in idx if np.ptp(x[i]) > 0]
+    c = F.kendall(x, y, n_boot=200, seed=11, confidence=0.9)
+    assert (c.low, c.high) == pytest.approx(tuple(np.percentile(stats, [5, 95])), abs=1e-12)
+
+
 def test_degenerate_resamples_are_skipped():
     # With 3 distinct points a resample is constant only if it repeats one index 3 times.
     idx = np.random.default_rng(0).integers(0, 3, size=(N_BOOT, 3))
@@ -174,6 +184,18 @@ def test_fidelity_table_shape_and_macro():
     assert macro["spearman"]["value"] == pytest.approx(0.9)  # mean of 1.0 and 0.8
     assert macro["spearman"]["low"] <= 0.9 <= macro["spearman"]["high"]
     assert macro["kendall"] == pytest.approx(0.8)  # mean of 1.0 and 0.6
+
+
+def test_macro_bootstrap_resamples_domains_jointly():
+    real = {"a": [1.0, 2.0, 3.0, 4.0], "b": [1.0, 2.0, 3.0, 4.0]}
+    proxy = {"a": [1.0, 2.0, 3.0, 4.0], "b": [1.0, 1.0, 1.0, 2.0]}
+    macro = F.fidelity_table(proxy, real, "wxyz", n_boot=N_BOOT, seed=2)["macro"]
+    # A resample counts only if no domain is constant in it; "b" needs index 3 and another.
+    idx = np.random.default_rng(2).integers(0, 4, size=(N_BOOT, 4))
+    b_varies = (idx == 3).any(axis=1) & (idx != 3).any(axis=1)
+    assert macro["spearman"]["n_boot"] == int(b_varies.sum()) < N_BOOT
+    expected = (1.0 + scipy.stats.spearmanr(proxy["b"], real["b"])[0]) / 2
+    assert macro["spearman"]["value"] == pytest.approx(expected)
 
 
 # --- calibration -----------------------------------------------------------------------------

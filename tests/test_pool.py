@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import tiny_spec_dict, write_spec
 
 from merge_mix.cli import main
 from merge_mix.config import load_spec
@@ -15,8 +16,6 @@ from merge_mix.corpus import build_domain, cut_pieces
 from merge_mix.errors import MergeMixError
 from merge_mix.pool import Pool, build_pool, format_pool_table
 from merge_mix.tokens import MixtureSampler, Shard, load_tokenizer
-
-from conftest import tiny_spec_dict, write_spec
 
 
 def test_tokenizer_round_trip_and_special_tokens(tiny_pool):
@@ -124,7 +123,9 @@ def test_resume_after_crash_gives_identical_weights(tiny_spec_path, tiny_pool, t
 
 
 def test_pool_without_manifest_is_reported_incomplete(tiny_spec_path, tmp_path):
-    spec_path = write_spec(tmp_path, tiny_spec_dict(tiny_spec_path.parent, output=str(tmp_path / "p")))
+    spec_path = write_spec(
+        tmp_path, tiny_spec_dict(tiny_spec_path.parent, output=str(tmp_path / "p"))
+    )
     spec = load_spec(spec_path)
 
     def kill(domain, step):
@@ -145,15 +146,19 @@ def test_only_and_growth_train_just_what_is_missing(tiny_spec_path, tiny_pool, t
     pool_dir = tmp_path / "p"
     shutil.copytree(tiny_pool, pool_dir)
     spec = tiny_spec_dict(tiny_spec_path.parent, output=str(pool_dir))
-    before = {d: (pool_dir / "components" / d / "model.safetensors").stat().st_mtime_ns
-              for d in ("code", "c", "prose")}
+    before = {
+        d: (pool_dir / "components" / d / "model.safetensors").stat().st_mtime_ns
+        for d in ("code", "c", "prose")
+    }
     # Grow: a fourth domain made of other stdlib packages.
     import sysconfig
     from pathlib import Path
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    spec["domains"]["code2"] = {"sources": [{"files": str(stdlib / "asyncio" / "*.py")}],
-                                "max_bytes": 200_000}
+    spec["domains"]["code2"] = {
+        "sources": [{"files": str(stdlib / "asyncio" / "*.py")}],
+        "max_bytes": 200_000,
+    }
     grown = load_spec(write_spec(tmp_path, spec))
     assert build_pool(grown, only=["code"], show_progress=False) is None
     m = json.loads((pool_dir / "manifest.json").read_text())
@@ -161,12 +166,16 @@ def test_only_and_growth_train_just_what_is_missing(tiny_spec_path, tiny_pool, t
     assert "code2" in m["base"]["heldout"]  # the base is scored on the new domain
     pool = build_pool(grown, show_progress=False)
     assert pool is not None and pool.domains == ["code", "c", "prose", "code2"]
-    after = {d: (pool_dir / "components" / d / "model.safetensors").stat().st_mtime_ns
-             for d in ("code", "c", "prose")}
+    after = {
+        d: (pool_dir / "components" / d / "model.safetensors").stat().st_mtime_ns
+        for d in ("code", "c", "prose")
+    }
     assert before == after
     # The new component's general share is the base's uniform mix over the original domains.
     mix = pool.manifest["components"]["code2"]["training_mixture"]
-    assert mix == pytest.approx({"code": 0.5 / 3, "c": 0.5 / 3, "prose": 0.5 / 3, "code2": 0.5}, abs=1e-6)
+    assert mix == pytest.approx(
+        {"code": 0.5 / 3, "c": 0.5 / 3, "prose": 0.5 / 3, "code2": 0.5}, abs=1e-6
+    )
 
 
 def test_changed_spec_is_refused(tiny_spec_path, tiny_pool, tmp_path):
@@ -180,7 +189,9 @@ def test_changed_spec_is_refused(tiny_spec_path, tiny_pool, tmp_path):
     assert "training.lr differs" in result.output
     del spec["domains"]["prose"]
     spec["training"]["lr"] = 5e-3
-    result = CliRunner().invoke(main, ["train-components", str(write_spec(tmp_path, spec)), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["train-components", str(write_spec(tmp_path, spec)), "--quiet"]
+    )
     assert result.exit_code == 2 and "domains.prose" in result.output
 
 
@@ -192,12 +203,18 @@ def test_changed_spec_is_refused(tiny_spec_path, tiny_pool, tmp_path):
         (lambda s: s["training"].update(lr="fast"), "training.lr: expected a number"),
         (lambda s: s["model"].update(hiden_size=3), "model.hiden_size: unknown key"),
         (lambda s: s["domains"]["c"].update(sources=[]), "domains.c.sources"),
-        (lambda s: s["domains"]["c"].update(sources=[{"files": "/nonexistent/*.h"}]),
-         "matched no files"),
-        (lambda s: s["domains"]["c"].update(sources=[{"jsonl": "/nonexistent.jsonl"}]),
-         "does not exist"),
-        (lambda s: s["domains"]["c"].update(sources=[{"builtin": "poetry"}]),
-         "unknown built-in corpus"),
+        (
+            lambda s: s["domains"]["c"].update(sources=[{"files": "/nonexistent/*.h"}]),
+            "matched no files",
+        ),
+        (
+            lambda s: s["domains"]["c"].update(sources=[{"jsonl": "/nonexistent.jsonl"}]),
+            "does not exist",
+        ),
+        (
+            lambda s: s["domains"]["c"].update(sources=[{"builtin": "poetry"}]),
+            "unknown built-in corpus",
+        ),
         (lambda s: s["training"].update(component_tokens=50_000_000), "over max_epochs"),
         (lambda s: s.update(general_share=1.5), "general_share: must be in"),
     ],

@@ -1,0 +1,315 @@
+"""Merging: turn mixture weights over a pool's components into one model, in memory.
+
+The merge rule (task arithmetic from the shared base, DeMix/Berasi style)::
+
+    theta(w) = theta_base + sum_i w_i (theta_i - theta_base)
+
+With ``sum(w) = 1`` this is the weighted average of the components. Arithmetic is fp32
+whatever the storage dtype. Parameters whose names match a `keep_base` pattern (e.g.
+``*embed_tokens*``) stay at the base.
+
+It is computed as ``(1 - sum(w)) * theta_base + sum_i w_i theta_i`` (the same number,
+rearranged): coefficients of exactly 0 and 1 then return a component bit for bit.
+
+`Merger` keeps one resident model and, by default, the base and the components resident
+as one stacked fp32 matrix ``S[name]`` of shape ``(K + 1, numel)`` per tensor: a merge is
+then one matrix-vector product per tensor written straight into the parameter,
+``param = c @ S`` with ``c = (1 - sum(w), w_1, ..., w_K)``, a single pass over memory
+with no file written per mixture. With ``stream=True`` nothing but the merged model is resident and each merge
+reads the tensors from the components' safetensors files one at a time, for pools
+whose components do not fit in memory together.
+
+Merge weights vs data mixture: a component trained on ``s * g + (1 - s) * e_i``
+(``s`` = general_share, ``g`` = the general mix, ``e_i`` its domain) stands for that
+data, so weights ``w`` stand for the effective data mixture
+``r(w) = s * g + (1 - s) * w`` (for ``sum(w) = 1``). `mixture_to_weights` inverts it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merge_mix.errors import MergeMixError
+
+# Config keys that differ between identical architectures saved by different runs.
+_CONFIG_IGNORE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
+
+
+def effective_mixture(weights: np.ndarray, general_share: float, general: np.ndarray) -> np.ndarray:
+    """The data mixture merge weights stand for: ``s * g + (1 - s) * w``."""
+    return general_share * general + (1.0 - general_share) * np.asarray(weights, dtype=np.float64)
+
+
+def mixture_to_weights(
+    mixture: np.ndarray, general_share: float, general: np.ndarray, domains: list[str]
+) -> np.ndarray:
+    """Merge weights whose effective mixture is `mixture`, or an error naming the domain
+    whose share is below the floor every merge keeps (``general_share * g``)."""
+    floor = general_share * general
+    w = (np.asarray(mixture, dtype=np.float64) - floor) / (1.0 - general_share)
+    for d, wi, r, f in zip(domains, w, mixture, floor, strict=True):
+        if wi < -1e-9:
+            raise MergeMixError(
+                f"mixture: {d}={r:.4g} is below {f:.4g}, the share every merge keeps from the"
+                f" components' general data (general_share x general mix); such a mixture"
+                f" needs negative weights (--extrapolate)"
+            )
+    return np.clip(w, 0.0, None) if (w > -1e-9).all() else w
+
+
+def parse_assignment(text: str, what: str = "weights") -> dict[str, float]:
+    """Parse ``code=0.4,c=0.2`` (also ``:`` for ``=``, ``;`` or ``,`` between pairs)."""
+    out: dict[str, float] = {}
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        sep = "=" if "=" in part else ":"
+        name, _, value = part.partition(sep)
+        if not _:
+            raise MergeMixError(f"{what}: {part!r} is not NAME=VALUE")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise MergeMixError(f"{what}: {name.strip()}: {value!r} is not a number") from None
+    if not out:
+        raise MergeMixError(f"{what}: empty")
+    return out
+
+
+def resolve_weights(
+    spec: str | dict[str, float] | np.ndarray,
+    domains: list[str],
+    natural: np.ndarray | None = None,
+    general_share: float = 0.0,
+    general: np.ndarray | None = None,
+    as_mixture: bool = False,
+    extrapolate: bool = False,
+    notice=None,
+) -> np.ndarray:
+    """Turn user weights into a checked vector aligned with `domains`.
+
+    `spec` is a preset (``uniform``, ``natural``, or a domain name for its pure
+    component), ``NAME=VALUE,...`` text, a dict or an array. With `as_mixture` the values
+    are an effective data mixture and are converted to merge weights. Unnormalised
+    weights are normalised (with a notice) unless `extrapolate`, which also allows
+    negative weights."""
+    what = "mixture" if as_mixture else "weights"
+    k = len(domains)
+    if isinstance(spec, str) and spec.strip() in ("uniform", "natural", *domains):
+        name = spec.strip()
+        if name == "uniform":
+            w = np.full(k, 1.0 / k)
+        elif name == "natural":
+            if natural is None:
+                raise MergeMixError(f"{what}: 'natural' needs the pool's token counts")
+            w = np.asarray(natural, dtype=np.float64)
+        else:
+            w = np.eye(k)[domains.index(name)]
+        if as_mixture:
+            return mixture_to_weights(w, general_share, general, domains)
+        return w
+    if isinstance(spec, str):
+        spec = parse_assignment(spec, what)
+    if isinstance(spec, dict):
+        unknown = [n for n in spec if n not in domains]
+        if unknown:
+            raise MergeMixError(
+                f"{what}: {unknown[0]!r} is not a component of the pool (components:"
+                f" {', '.join(domains)})"
+            )
+        w = np.array([float(spec.get(d, 0.0)) for d in domains])
+    else:
+        w = np.asarray(spec, dtype=np.float64).reshape(-1)
+        if len(w) != k:
+            raise MergeMixError(f"{what}: expected {k} values ({', '.join(domains)}), got {len(w)}")
+    if not np.all(np.isfinite(w)):
+        bad = domains[int(np.flatnonzero(~np.isfinite(w))[0])]
+        raise MergeMixError(f"{what}: {bad} is not a finite number")
+    if not extrapolate and (w < 0).any():
+        bad = domains[int(np.flatnonzero(w < 0)[0])]
+        raise MergeMixError(
+            f"{what}: {bad}={w[domains.index(bad)]:g} is negative (--extrapolate allows it)"
+        )
+    total = w.sum()
+    if np.all(w == 0) or (not extrapolate and total <= 0):
+        raise MergeMixError(f"{what}: all zero")
+    if not extrapolate and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-6):
+        if notice is not None:
+            notice(f"note: {what} summed to {total:g}; normalised to 1")
+        w = w / total
+    if as_mixture:
+        if not math.isclose(w.sum(), 1.0, abs_tol=1e-6):
+            raise MergeMixError(f"{what}: a data mixture must sum to 1")
+        return mixture_to_weights(w, general_share, general, domains)
+    return w
+
+
+def _config_of(path: Path) -> dict:
+    cfg = json.loads((path / "config.json").read_text())
+    return {k: v for k, v in cfg.items() if k not in _CONFIG_IGNORE}
+
+
+class Merger:
+    """One resident model whose parameters are set to ``theta(w)`` by `merge(w)`."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        component_dirs: dict[str, Path],
+        device: torch.device | str = "cpu",
+        keep_base: tuple[str, ...] = (),
+        stream: bool = False,
+    ):
+        from safetensors import safe_open
+
+        from merge_mix.model import load_model
+
+        self.domains = list(component_dirs)
+        self.device = torch.device(device)
+        self.stream = stream
+        self.keep_base = tuple(keep_base)
+        base_cfg = _config_of(base_dir)
+        for d, path in component_dirs.items():
+            if not (path / "config.json").is_file():
+                raise MergeMixError(f"component {d!r}: {path} has no config.json")
+            cfg = _config_of(path)
+            if cfg != base_cfg:
+                key = sorted(k for k in set(cfg) | set(base_cfg) if cfg.get(k) != base_cfg.get(k))[
+                    0
+                ]
+                raise MergeMixError(
+                    f"component {d!r}: config.{key} is {cfg.get(key)!r}, the base has"
+                    f" {base_cfg.get(key)!r}; components must share the base's architecture"
+                )
+        self.model = load_model(base_dir, self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.params = dict(self.model.named_parameters())
+        self._files = {"base": _tensor_files(base_dir)}
+        for d, path in component_dirs.items():
+            self._files[d] = _tensor_files(path)
+        self._check_tensors(safe_open)
+        self.merged_names = [
+            n for n in self.params if not any(fnmatch.fnmatch(n, pat) for pat in self.keep_base)
+        ]
+        self.stacks: dict[str, torch.Tensor] = {}
+        if not stream:
+            for name in self.merged_names:
+                rows = [self.params[name].detach().to(torch.float32).reshape(-1)]
+                rows += [
+                    self._read(d, name).to(self.device, torch.float32).reshape(-1)
+                    for d in self.domains
+                ]
+                self.stacks[name] = torch.stack(rows)
+        self.weights: np.ndarray | None = None
+
+    def _check_tensors(self, safe_open) -> None:
+        expected = {n: tuple(p.shape) for n, p in self.params.items()}
+        for who, files in self._files.items():
+            found: dict[str, tuple[int, ...]] = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as fh:
+                    for key in fh.keys():
+                        found[key] = tuple(fh.get_slice(key).get_shape())
+            label = "base" if who == "base" else f"component {who!r}"
+            for n, shape in expected.items():
+                if n not in found:
+                    raise MergeMixError(f"{label}: tensor {n} is missing")
+                if found[n] != shape:
+                    raise MergeMixError(
+                        f"{label}: tensor {n} has shape {list(found[n])}, the base has {list(shape)}"
+                    )
+            extra = sorted(set(found) - set(expected) - _tied_aliases(self.model))
+            if extra:
+                raise MergeMixError(f"{label}: unexpected tensor {extra[0]}")
+
+    def _read(self, who: str, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        for f in self._files[who]:
+            with safe_open(str(f), framework="pt") as fh:
+                if name in fh.keys():
+                    return fh.get_tensor(name)
+        raise MergeMixError(f"{who}: tensor {name} is missing")
+
+    @torch.no_grad()
+    def merge(self, weights: np.ndarray | torch.Tensor) -> torch.nn.Module:
+        """Set the resident model to ``theta(weights)`` in place and return it."""
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=self.device)
+        if w.shape != (len(self.domains),):
+            raise MergeMixError(
+                f"weights: expected {len(self.domains)} values, got {tuple(w.shape)}"
+            )
+        if self.stream:
+            self._merge_streaming(w)
+        else:
+            coef = self.coefficients(w).unsqueeze(0)
+            for name in self.merged_names:
+                p = self.params[name]
+                if p.dtype == torch.float32 and p.is_contiguous():
+                    torch.mm(coef, self.stacks[name], out=p.view(1, -1))
+                else:
+                    p.copy_((coef @ self.stacks[name]).view_as(p))
+        self.weights = np.asarray(weights, dtype=np.float64)
+        return self.model
+
+    @staticmethod
+    def coefficients(w: torch.Tensor) -> torch.Tensor:
+        """``(1 - sum(w), w_1, ..., w_K)``: the base's and each component's coefficient."""
+        return torch.cat([(1 - w.sum()).reshape(1), w])
+
+    def _merge_streaming(self, w: torch.Tensor) -> None:
+        from safetensors import safe_open
+
+        handles = {
+            who: [safe_open(str(f), framework="pt") for f in files]
+            for who, files in self._files.items()
+        }
+
+        def get(who: str, name: str) -> torch.Tensor:
+            for fh in handles[who]:
+                if name in fh.keys():
+                    return fh.get_tensor(name).to(self.device, torch.float32)
+            raise MergeMixError(f"{who}: tensor {name} is missing")
+
+        coef = self.coefficients(w).tolist()
+        for name in self.merged_names:
+            acc = get("base", name).mul_(coef[0])
+            for c, d in zip(coef[1:], self.domains, strict=True):
+                acc.add_(get(d, name), alpha=c)
+            self.params[name].copy_(acc)
+
+    def state_dict_fp32(self) -> dict[str, torch.Tensor]:
+        """The merged parameters as a plain dict (for export and comparisons)."""
+        return {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.params.items()}
+
+
+def _tensor_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise MergeMixError(f"{path}: no .safetensors weights")
+    return files
+
+
+def _tied_aliases(model) -> set[str]:
+    """Names a tied model's files may hold that named_parameters() reports only once."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return names - {n for n, _ in model.named_parameters()}
+
+
+def merger_for_pool(pool, device="cpu", keep_base: tuple[str, ...] = (), stream: bool = False):
+    """A `Merger` over all of a pool's finished components."""
+    return Merger(
+        pool.base_dir,
+        {d: pool.component_dir(d) for d in pool.domains},
+        device=device,
+        keep_base=keep_base,
+        stream=stream,
+    )

@@ -1,0 +1,132 @@
+"""Mixture proxies: a pool, a resident merged model and its evaluators, scoring weights.
+
+`ProxyScorer` is what `merge-mix eval` and `merge-mix search` use: it keeps the pool's
+components (as stacked deltas) and the held-out scoring windows resident for its whole
+life, and `score(weights)` merges in place and evaluates. It satisfies the search
+engine's scorer protocol.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merge_mix.errors import MergeMixError
+from merge_mix.evaluate import HeldoutSet, heldout_metrics
+from merge_mix.merge import effective_mixture, merger_for_pool, resolve_weights
+from merge_mix.model import pick_device
+from merge_mix.pool import Pool
+
+DEFAULT_HELDOUT_TOKENS = 16_384
+
+
+class ProxyScorer:
+    """Scores mixture weights by merging the pool's components and evaluating the proxy."""
+
+    def __init__(
+        self,
+        pool: Pool | str | Path,
+        device: str = "auto",
+        precision: str = "auto",
+        heldout_tokens: int | None = DEFAULT_HELDOUT_TOKENS,
+        keep_base: tuple[str, ...] = (),
+        stream: bool = False,
+        batch_size: int = 16,
+        lmeval_tasks: list[str] | None = None,
+        lmeval_include: Path | None = None,
+        lmeval_limit: int | None = None,
+        calibration=None,
+    ):
+        self.pool = pool if isinstance(pool, Pool) else Pool.open(pool)
+        self.device = pick_device(device)
+        self.precision = precision
+        self.batch_size = batch_size
+        self.domains = self.pool.domains
+        self.merger = merger_for_pool(self.pool, self.device, keep_base, stream)
+        self.heldout = HeldoutSet.from_pool_data(
+            self.pool.data_dir, self.domains, self.pool.bos_id, self.pool.seq_len, heldout_tokens
+        )
+        self.heldout_tokens = heldout_tokens
+        self.natural_mixture = self.pool.natural_mixture()
+        self.available_tokens = self.pool.available_tokens()
+        self.general = self.pool.general_mixture()
+        self.general_share = self.pool.general_share
+        self.lmeval_tasks = list(lmeval_tasks or [])
+        self.lmeval_include = lmeval_include
+        self.lmeval_limit = lmeval_limit
+        self.calibration = calibration
+        self._tokenizer = None
+        self.last_cost_s = 0.0
+
+    def weights(self, spec, as_mixture: bool = False, extrapolate: bool = False, notice=None):
+        """User weights (preset, ``NAME=VALUE,...``, dict or array) as a checked vector."""
+        return resolve_weights(
+            spec,
+            self.domains,
+            natural=self.natural_mixture,
+            general_share=self.general_share,
+            general=self.general,
+            as_mixture=as_mixture,
+            extrapolate=extrapolate,
+            notice=notice,
+        )
+
+    def effective_mixture(self, weights: np.ndarray) -> np.ndarray:
+        return effective_mixture(weights, self.general_share, self.general)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from merge_mix.tokens import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.pool.tokenizer_dir)
+        return self._tokenizer
+
+    def score(self, weights: np.ndarray, budget_tokens: int | None = None) -> dict[str, float]:
+        """Merge `weights` in place and return every metric (see evaluate.py for names).
+
+        `budget_tokens` scores only the first pieces of each domain, up to that many
+        tokens (cheaper, noisier; never more than the set was built with)."""
+        if budget_tokens is not None and self.heldout_tokens is not None:
+            budget_tokens = min(budget_tokens, self.heldout_tokens)
+        started = time.perf_counter()
+        model = self.merger.merge(np.asarray(weights, dtype=np.float64))
+        metrics = heldout_metrics(
+            model, self.heldout, self.device, self.precision, self.batch_size, budget_tokens
+        )
+        if self.lmeval_tasks:
+            from merge_mix.lmeval import evaluate_tasks
+
+            metrics.update(
+                evaluate_tasks(
+                    model,
+                    self.tokenizer,
+                    self.lmeval_tasks,
+                    include_path=self.lmeval_include,
+                    limit=self.lmeval_limit,
+                    max_length=self.pool.seq_len,
+                    device=self.device,
+                )
+            )
+        if self.calibration is not None:
+            metrics.update(self.calibration.apply(np.asarray(weights), metrics))
+        self.last_cost_s = time.perf_counter() - started
+        return metrics
+
+    def differentiable_params(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``theta(w)`` as tensors that carry gradients to `weights` (for
+        `torch.func.functional_call`); needs resident components (not streaming)."""
+        m = self.merger
+        if m.stream:
+            raise MergeMixError("gradient search needs resident components (not --stream)")
+        coef = m.coefficients(weights.to(torch.float32))
+        params = {}
+        for name, p in m.params.items():
+            if name in m.stacks:
+                params[name] = (coef @ m.stacks[name]).view_as(p)
+            else:
+                params[name] = p.detach()
+        return params
