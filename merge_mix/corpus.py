@@ -234,7 +234,9 @@ def _hf_disk_documents(path: Path, src: SourceSpec, where: str) -> list[str]:
     try:
         ds = load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as exc:
-        raise MergeMixError(f"{where}: {path} is not a datasets.save_to_disk directory ({exc})")
+        raise MergeMixError(
+            f"{where}: {path} is not a datasets.save_to_disk directory ({exc})"
+        ) from None
     if isinstance(ds, DatasetDict):
         if src.split is None:
             if len(ds) != 1:

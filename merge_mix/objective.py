@@ -314,9 +314,7 @@ def _build(cls: type, where: str, raw: Any, allowed: tuple[str, ...]) -> Any:
         raise MergeMixError(f"{where}: expected a mapping, got {type(raw).__name__}")
     unknown = [key for key in raw if key not in allowed]
     if unknown:
-        raise MergeMixError(
-            f"{where}: unknown key {unknown[0]!r} (expected: {', '.join(allowed)})"
-        )
+        raise MergeMixError(f"{where}: unknown key {unknown[0]!r} (expected: {', '.join(allowed)})")
     for required in ("source", "metric"):
         if required not in raw:
             raise MergeMixError(f"{where}: missing key {required!r}")
@@ -420,4 +418,3 @@ def load_objective(
     if domains is not None:
         objective.check_domains(domains)
     return objective
-

@@ -155,7 +155,7 @@ def train_model(
     total_steps = max(1, math.ceil(total_tokens / tokens_per_step))
     model.to(device).train()
     decay, no_decay = [], []
-    for n, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
     optimizer = torch.optim.AdamW(
         [

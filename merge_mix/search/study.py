@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from merge_mix.errors import MergeMixError
 from merge_mix.objective import Evaluation, Objective
@@ -110,7 +109,7 @@ def distributions(domains: Sequence[str]) -> dict[str, FloatDistribution]:
 
 def unit_cube_params(domains: Sequence[str], weights: np.ndarray) -> dict[str, float]:
     """Parameters that decode to `weights`, so every trial informs tpe/cmaes."""
-    return {f"u:{d}": float(u) for d, u in zip(domains, to_unit_cube(weights))}
+    return {f"u:{d}": float(u) for d, u in zip(domains, to_unit_cube(weights), strict=True)}
 
 
 def _fingerprint(objective: Objective) -> str:
@@ -216,18 +215,17 @@ def earlier_holder(study: optuna.Study, number: int, key: str) -> int | None:
     return None
 
 
-def requeue(study: optuna.Study, trial: FrozenTrial, scored_by: str) -> bool:
-    """Queue the mixture of a failed trial again (same kind, key and owner), unless it has
-    used up its attempts. Returns whether it was queued."""
-    attrs = trial.user_attrs
+def requeue(study: optuna.Study, attrs: Mapping[str, Any], number: int, scored_by: str) -> bool:
+    """Queue the mixture of failed trial `number` (user attributes `attrs`) again, with the
+    same kind, key and owner, unless it has used up its attempts. Returns whether it did."""
     if "merge_weights" not in attrs or attrs.get("attempt", 1) >= MAX_ATTEMPTS:
         return False
-    extra = {k: attrs[k] for k in ("halving", "predicted_objective") if k in attrs}
+    extra = {k: attrs[k] for k in ("halving", "predicted_objective", "surrogate") if k in attrs}
     enqueue(
         study,
         np.asarray(attrs["merge_weights"]),
         attrs["kind"],
-        attrs.get("key") or f"retry:{trial.number}",
+        attrs.get("key") or f"retry:{number}",
         worker=attrs.get("worker", scored_by),
         budget_tokens=attrs.get("budget_tokens"),
         full_budget=attrs.get("full_budget", True),
@@ -255,7 +253,7 @@ def recover_stale(study: optuna.Study, worker: str) -> int:
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         # Fresh sampler trials of our own are re-queued too: their weights were recorded
         # before scoring started.
-        requeue(study, t, worker)
+        requeue(study, t.user_attrs, t.number, worker)
         recovered += 1
     return recovered
 
@@ -277,9 +275,7 @@ def check_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     try:
         return {str(k): float(v) for k, v in metrics.items()}
     except (TypeError, ValueError, AttributeError):
-        raise MergeMixError(
-            "scorer: score() must return a dict of metric name -> number"
-        ) from None
+        raise MergeMixError("scorer: score() must return a dict of metric name -> number") from None
 
 
 def result_attrs(
@@ -346,9 +342,11 @@ def record_trial(
         **(extra or {}),
     }
     finite = math.isfinite(evaluation.value)
-    constraints = {"baseline_tolerance": max(evaluation.violations.values())} if (
-        evaluation.violations
-    ) and finite else None
+    constraints = (
+        {"baseline_tolerance": max(evaluation.violations.values())}
+        if (evaluation.violations) and finite
+        else None
+    )
     study.add_trial(
         optuna.trial.create_trial(
             state=TrialState.COMPLETE if finite else TrialState.FAIL,
@@ -384,8 +382,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "number": t.number,
             "kind": attrs.get("kind", "external"),
             "worker": attrs.get("worker"),
-            "merge_weights": dict(zip(domains, attrs["merge_weights"])),
-            "effective_mixture": dict(zip(domains, attrs["effective_mixture"])),
+            "merge_weights": dict(zip(domains, attrs["merge_weights"], strict=True)),
+            "effective_mixture": dict(zip(domains, attrs["effective_mixture"], strict=True)),
             "objective": t.value,
             "feasible": attrs.get("feasible", True),
             "metrics": attrs["metrics"],
@@ -430,8 +428,7 @@ def best_summary(study: optuna.Study, rows: Sequence[Mapping[str, Any]]) -> dict
         raise MergeMixError("search: no full-budget trial completed; nothing to recommend")
     full = [r for r in rows if r["full_budget"]]
     baselines = {
-        name: next((r for r in full if r["kind"] == f"baseline:{name}"), None)
-        for name in BASELINES
+        name: next((r for r in full if r["kind"] == f"baseline:{name}"), None) for name in BASELINES
     }
     attrs = study.user_attrs
     surrogate = [r for r in rows if r["kind"] == "surrogate:topk"]
@@ -452,11 +449,12 @@ def best_summary(study: optuna.Study, rows: Sequence[Mapping[str, Any]]) -> dict
         "surrogate": None,
     }
     if surrogate:
-        latest = study.trials[surrogate[-1]["number"]].user_attrs
+        number = surrogate[-1]["number"]
+        latest = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
         summary["surrogate"] = {
-            "number": surrogate[-1]["number"],
+            "number": number,
             "objective": surrogate[-1]["objective"],
-            **latest.get("surrogate", {}),
+            **latest.user_attrs.get("surrogate", {}),
         }
     return summary
 
@@ -507,24 +505,3 @@ def export_trials(study: optuna.Study, run_dir: Path) -> dict[str, Any] | None:
     summary = best_summary(study, rows)
     write_atomic(run_dir / "best.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def wait_for_baseline(study: optuna.Study, name: str, poll_s: float = 0.5) -> dict[str, float]:
-    """The baseline's metrics, waiting while another worker is still scoring it."""
-    while True:
-        metrics = baseline_metrics(study, name)
-        if metrics is not None:
-            return metrics
-        pending = [
-            t
-            for t in study.get_trials(
-                deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
-            )
-            if t.user_attrs.get("kind") == f"baseline:{name}"
-        ]
-        if not pending:
-            raise MergeMixError(
-                f"search: the {name} baseline could not be scored, and the objective's "
-                "constraints are relative to it"
-            )
-        time.sleep(poll_s)
