@@ -307,6 +307,75 @@ def export_cmd(pool, out, weights, mixture, force, keep_base, stream, device, ex
     )
 
 
+@main.command("make-tasks")
+@click.argument("pool", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("eval_tasks"),
+    show_default=True,
+    help="Directory lm-eval's --include_path will point at.",
+)
+@click.option(
+    "--max-docs",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Held-out documents per domain and task.",
+)
+@click.option(
+    "--n-choices",
+    type=click.IntRange(min=2),
+    default=4,
+    show_default=True,
+    help="Options per multiple-choice item.",
+)
+@click.option(
+    "--continuation-tokens",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Length of each multiple-choice continuation, in tokens.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_tasks_cmd(pool, out, max_docs, n_choices, continuation_tokens, seed):
+    """Write lm-evaluation-harness tasks from POOL's held-out data: per domain a rolling
+    perplexity task (mm_<pool>_<domain>_ppl) and a multiple-choice continuation benchmark
+    (mm_<pool>_<domain>_choice), plus the group mm_<pool>. Data paths are absolute, so the
+    tasks run from any working directory."""
+    from merge_mix.lmeval import make_tasks
+
+    names = make_tasks(
+        pool,
+        out,
+        max_docs_per_domain=max_docs,
+        n_choices=n_choices,
+        seed=seed,
+        continuation_tokens=continuation_tokens,
+    )
+    click.echo(f"wrote {len(names)} tasks to {out}: {', '.join(names)}")
+
+
+@main.command(
+    "lm-eval",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval_cmd(args):
+    """Run lm-evaluation-harness with the `merge-mix` model type registered; every option
+    is lm-eval's own (try `merge-mix lm-eval --help`). Example:
+
+    \b
+      merge-mix lm-eval --model merge-mix \\
+        --model_args pool=pools/demo,weights=code:0.5,prose:0.5 \\
+        --tasks mm_demo_code_ppl --include_path eval_tasks --batch_size 16
+    """
+    from merge_mix.lmeval import run_lm_eval_cli
+
+    sys.exit(run_lm_eval_cli(list(args)))
+
+
 @main.command("demo")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(quiet: bool) -> None:

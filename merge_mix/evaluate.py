@@ -74,13 +74,16 @@ def rolling_windows(
     return out
 
 
-def build_windows(shard: Shard, bos: int, seq_len: int, max_tokens: int | None) -> DomainWindows:
-    """Scoring windows for the held-out pieces of one domain, up to `max_tokens`."""
+def build_windows(
+    shard: Shard, bos: int, seq_len: int, max_tokens: int | None, first_piece: int = 0
+) -> DomainWindows:
+    """Scoring windows for the held-out pieces of one domain from `first_piece` on, up to
+    `max_tokens`."""
     inputs: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     piece_end, piece_tokens, piece_bytes = [], [], []
     tokens_total = bytes_total = 0
-    for i in range(len(shard.index)):
+    for i in range(first_piece, len(shard.index)):
         toks = shard.piece(i)
         if len(toks) == 0:
             continue
