@@ -376,17 +376,275 @@ def lm_eval_cmd(args):
     sys.exit(run_lm_eval_cli(list(args)))
 
 
-@main.command("demo")
+@main.command("search")
+@click.argument("pool", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where the study, trials.jsonl/csv, best.json and the report go. Running "
+    "again with the same directory resumes.",
+)
+@click.option(
+    "--objective",
+    default="mean_loss",
+    show_default=True,
+    help="mean_loss, worst_loss, target:DOMAIN[:TOLERANCE], or a YAML file of terms "
+    "(see docs/search.md).",
+)
+@click.option(
+    "--sampler",
+    type=click.Choice(["dirichlet", "random", "grid", "tpe", "cmaes"]),
+    default="dirichlet",
+    show_default=True,
+    help="How mixtures are proposed.",
+)
+@click.option(
+    "--n-trials",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Sampled mixtures this worker scores (baselines come on top; grid ignores it).",
+)
+@click.option(
+    "--grid-step",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Simplex grid step (grid sampler, up to 3 domains).",
+)
+@click.option(
+    "--temperature",
+    type=float,
+    default=0.7,
+    show_default=True,
+    help="Dirichlet prior: natural mixture to this power.",
+)
+@click.option(
+    "--storage",
+    default=None,
+    help="Study storage shared by several workers: a journal file (*.jsonl, *.log) "
+    "or an RDB URL such as postgresql://... Default: RUN_DIR/study.db (SQLite).",
+)
+@click.option(
+    "--worker",
+    default="main",
+    show_default=True,
+    help="This worker's id; each concurrent worker needs its own.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--halving",
+    is_flag=True,
+    help="Successive halving: score many mixtures on few tokens, promote the best.",
+)
+@click.option(
+    "--eta",
+    type=click.IntRange(min=2),
+    default=3,
+    show_default=True,
+    help="Halving: keep 1/eta of the candidates per rung.",
+)
+@click.option(
+    "--rungs",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Halving: number of budget levels.",
+)
+@click.option(
+    "--halving-verify",
+    is_flag=True,
+    help="Halving: also score every candidate at full budget to check the pick.",
+)
+@click.option(
+    "--surrogate/--no-surrogate",
+    default=True,
+    show_default=True,
+    help="Fit mixing-law and non-parametric surrogates, average the top-k of 100k "
+    "simulated mixtures, and score that pick.",
+)
+@click.option(
+    "--gradient/--no-gradient",
+    default=True,
+    show_default=True,
+    help="Also optimise the weights by gradient descent through the merged model.",
+)
+@click.option("--gradient-steps", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option(
+    "--gradient-method",
+    type=click.Choice(["mirror", "softmax"]),
+    default="mirror",
+    show_default=True,
+)
+@click.option(
+    "--tasks",
+    default="",
+    metavar="T1,T2",
+    help="lm-eval tasks to score (needed when the objective uses lmeval terms).",
+)
+@click.option(
+    "--include-path",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where lm-eval finds --tasks (default: eval_tasks/).",
+)
+@click.option("--limit", type=int, default=None, help="lm-eval documents per task.")
+@click.option(
+    "--heldout-tokens",
+    type=click.IntRange(min=1),
+    default=16_384,
+    show_default=True,
+    help="Held-out tokens scored per domain per mixture.",
+)
+@click.option(
+    "--calibrated",
+    is_flag=True,
+    help="Add calibrated metrics (from `merge-mix validate`) to every trial.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(quiet: bool) -> None:
-    """Build the built-in demo pool (pools/demo.yaml: real text from this machine's Python
-    installation) and show it."""
+@_merge_options
+def search_cmd(
+    pool,
+    run_dir,
+    objective,
+    sampler,
+    n_trials,
+    grid_step,
+    temperature,
+    storage,
+    worker,
+    seed,
+    halving,
+    eta,
+    rungs,
+    halving_verify,
+    surrogate,
+    gradient,
+    gradient_steps,
+    gradient_method,
+    tasks,
+    include_path,
+    limit,
+    heldout_tokens,
+    calibrated,
+    quiet,
+    keep_base,
+    stream,
+    device,
+    extrapolate,
+):
+    """Find the mixture of POOL's domains that minimises an objective, by scoring many
+    merged proxies: baselines (uniform, natural, each pure component), sampled mixtures,
+    a surrogate's pick and a gradient-searched mixture; then write a report.
+
+    Resumable (same --run-dir), and scalable: several workers, one per GPU or machine,
+    share one study through --storage, each with its own --worker id.
+    """
+    from merge_mix.objective import load_objective
+    from merge_mix.pool import Pool
+    from merge_mix.search.config import SearchConfig
+    from merge_mix.search.gradient import GradientConfig
+    from merge_mix.search.pipeline import format_search_summary, search_pool
+
+    if extrapolate:
+        raise MergeMixError("--extrapolate: search keeps weights on the simplex")
+    domains = Pool.open(pool).domains
+    obj = load_objective(objective, domains)
+    config = SearchConfig(
+        sampler=sampler,
+        n_trials=n_trials,
+        worker=worker,
+        seed=seed,
+        storage=storage,
+        budget_tokens=heldout_tokens,
+        grid_step=grid_step,
+        temperature=temperature,
+        halving=halving,
+        eta=eta,
+        rungs=rungs,
+        halving_verify=halving_verify,
+        surrogate=surrogate,
+        progress=not quiet,
+    )
+    calibration = None
+    if calibrated:
+        from merge_mix.validate import load_calibration
+
+        calibration = load_calibration(pool)
+    task_list = [t for t in tasks.split(",") if t.strip()]
+    options = dict(
+        device=device,
+        heldout_tokens=heldout_tokens,
+        keep_base=tuple(keep_base),
+        stream=stream,
+        lmeval_tasks=task_list,
+        lmeval_include=include_path or (Path("eval_tasks") if task_list else None),
+        lmeval_limit=limit,
+        calibration=calibration,
+    )
+    grad = GradientConfig(steps=gradient_steps, method=gradient_method) if gradient else None
+    if grad is not None and stream:
+        raise MergeMixError("--gradient needs resident components; add --no-gradient with --stream")
+    summary = search_pool(pool, obj, config, run_dir, grad, options)
+    click.echo(format_search_summary(summary))
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+def report_cmd(run_dir):
+    """Rewrite the Markdown and HTML report of a search run directory from its trials."""
+    from merge_mix.report import write_report
+
+    report = write_report(run_dir)
+    click.echo(f"wrote {report.html} and {report.markdown}")
+
+
+@main.command("demo")
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+    help="Where the search goes.",
+)
+@click.option(
+    "--n-trials",
+    type=click.IntRange(min=1),
+    default=48,
+    show_default=True,
+    help="Sampled mixtures in the search.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(run_dir: Path, n_trials: int, quiet: bool) -> None:
+    """The whole job on the built-in default: build the demo pool (pools/demo.yaml: four
+    domains of real text from this machine's Python installation: stdlib code, C headers,
+    config files, documentation and licences), search it for the mixture with the lowest
+    mean held-out loss, and write the report. Resumable: run it again after an interruption.
+    """
     from merge_mix.config import builtin_spec_path, load_spec
+    from merge_mix.objective import load_objective
     from merge_mix.pool import build_pool, format_pool_table
+    from merge_mix.search.config import SearchConfig
+    from merge_mix.search.gradient import GradientConfig
+    from merge_mix.search.pipeline import format_search_summary, search_pool
 
     spec = load_spec(builtin_spec_path("demo"))
-    build_pool(spec, show_progress=not quiet)
+    pool = build_pool(spec, show_progress=not quiet)
+    if pool is None:
+        raise MergeMixError(f"{spec.output_dir}: the demo pool is not complete")
     click.echo(format_pool_table(spec.output_dir))
+    click.echo("")
+    config = SearchConfig(n_trials=n_trials, progress=not quiet)
+    summary = search_pool(
+        spec.output_dir,
+        load_objective("mean_loss", pool.domains),
+        config,
+        run_dir,
+        GradientConfig(),
+        {"heldout_tokens": 16_384},
+    )
+    click.echo(format_search_summary(summary))
 
 
 if __name__ == "__main__":

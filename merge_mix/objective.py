@@ -119,10 +119,12 @@ class Term:
 
     @property
     def label(self) -> str:
+        """How the term is named in `Evaluation.terms`, e.g. "max(heldout/*/loss)"."""
         return f"{self.reduce}({self.source}/{self.name}/{self.metric})"
 
     @property
     def sign(self) -> float:
+        """+1 for minimize, -1 for maximize."""
         return 1.0 if self.direction == "minimize" else -1.0
 
 
@@ -153,6 +155,7 @@ class Constraint:
             raise MergeMixError(f"{where}.exclude: only meaningful with name: '*'")
 
     def keys(self, available: Sequence[str]) -> list[str]:
+        """The metric keys, among `available`, this constraint applies to."""
         matched = _match(available, self.source, self.metric, self.name)
         return [key for key in matched if _name_of(key) not in self.exclude]
 

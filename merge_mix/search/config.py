@@ -41,12 +41,14 @@ class SearchConfig:
     storage: str | None = None
     """Where the Optuna study lives: None for `study.db` (SQLite) in the run directory, a path
     ending in .jsonl or .log (journal file, safe for several processes on one file system), or
-    a database URL such as sqlite:///path.db or postgresql://user@host/db."""
+    a database URL such as sqlite:///path.db or postgresql://user@host/db; ":memory:" keeps
+    it in this process only (no resume, no sharing: for tests and dry runs)."""
     study_name: str = "merge-mix"
     """Name of the study inside the storage."""
     budget_tokens: int | None = None
-    """Per-domain evaluation token budget of a full-budget score; None means the scorer's
-    default. Required with halving, which scores the early rungs at budget_tokens / eta^j."""
+    """Per-domain evaluation token budget of a full-budget score (baselines included); None
+    means the scorer's default. Keep it fixed within a study. Required with halving, which
+    scores the early rungs at budget_tokens / eta^j."""
     grid_step: float = 0.1
     """Spacing of the "grid" sampler; 1 / grid_step must be a whole number."""
     temperature: float = 0.7
@@ -99,7 +101,7 @@ class SearchConfig:
             fail("n_trials", f"{self.n_trials!r} is not a whole number >= 0")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(self.worker)):
             fail("worker", f"{self.worker!r} should be letters, digits, '_', '.' or '-'")
-        if self.storage is not None and not (
+        if self.storage not in (None, ":memory:") and not (
             "://" in self.storage or self.storage.endswith(JOURNAL_SUFFIXES)
         ):
             fail(

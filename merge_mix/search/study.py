@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,9 +43,10 @@ TRIAL_ATTRS = {
     "merge_weights": "merge weights, a list aligned with the study's domains",
     "effective_mixture": "the data mixture the merge weights stand for, aligned likewise",
     "metrics": "every metric the scorer returned",
-    "feasible": "whether the objective's constraints hold",
-    "budget_tokens": "per-domain evaluation budget (None: the scorer's default)",
-    "full_budget": "False for the cheap early rungs of successive halving",
+    "feasible": "whether the objective's constraints hold (absent: no constraints, True)",
+    "penalty": "the constraint penalty included in the objective (absent: 0)",
+    "budget_tokens": "per-domain evaluation budget (absent: the scorer's default)",
+    "full_budget": "False for the cheap early rungs of successive halving (absent: True)",
     "cost_s": "seconds spent scoring",
     "key": "queued trials only: the unit of work it stands for (deduplicated)",
 }
@@ -78,10 +80,32 @@ def redact(storage: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in credentials else storage
 
 
-def resolve_storage(storage: str | None, run_dir: Path) -> tuple[Any, str]:
-    """An Optuna storage for `storage` (see `SearchConfig.storage`) and a printable name."""
+def describe_storage(storage: str | None, run_dir: Path) -> str:
+    """The storage as `resolve_storage` will open it, printable (passwords redacted)."""
     if storage is None:
-        storage = f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
+        return f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
+    return redact(storage)
+
+
+def _new_sqlite_in_wal_mode(url: str) -> None:
+    # A new SQLite file is created in write-ahead-log mode (a property of the file): commits
+    # get several times cheaper and readers stop blocking the writer. It stays safe against
+    # killed processes; keep the file on a local disk.
+    import sqlite3
+
+    path = url.removeprefix("sqlite:///")
+    if path and path != ":memory:" and not Path(path).exists():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+
+
+def resolve_storage(storage: str | None, run_dir: Path) -> Any:
+    """An Optuna storage for `storage` (see `SearchConfig.storage`)."""
+    if storage is None:
+        storage = describe_storage(None, run_dir)
+    if storage == ":memory:":
+        return optuna.storages.InMemoryStorage()
     if storage.endswith(JOURNAL_SUFFIXES) and "://" not in storage:
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
@@ -89,17 +113,27 @@ def resolve_storage(storage: str | None, run_dir: Path) -> tuple[Any, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The open(O_EXCL) lock also works where symlinks do not (some network file systems).
         backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
-        return JournalStorage(backend), str(path)
+        return JournalStorage(backend)
     if "://" not in storage:
         raise MergeMixError(
             f"storage: {storage!r} is neither a journal file (.jsonl/.log) nor a database URL"
         )
-    engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
-    try:
-        return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs), redact(storage)
-    except Exception as err:  # sqlalchemy raises many types; all mean "cannot open it"
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise MergeMixError(f"storage: cannot open {redact(storage)}: {message}") from None
+    engine_kwargs = None
+    if storage.startswith("sqlite:///"):
+        _new_sqlite_in_wal_mode(storage)
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+        except Exception as err:  # sqlalchemy raises many types; all mean "cannot open it"
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            # Workers starting together race to create the tables; the loser retries.
+            racing = ("already exists", "UNIQUE constraint", "database is locked")
+            if any(text in message for text in racing) and attempt < 4:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise MergeMixError(f"storage: cannot open {redact(storage)}: {message}") from None
+    raise AssertionError("unreachable")
 
 
 def distributions(domains: Sequence[str]) -> dict[str, FloatDistribution]:
@@ -126,7 +160,8 @@ def open_study(
 ) -> optuna.Study:
     """Create or load the study; refuse one made for other domains or another objective."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    backend, where = resolve_storage(storage, run_dir)
+    backend = resolve_storage(storage, run_dir)
+    where = describe_storage(storage, run_dir)
     study = optuna.create_study(
         storage=backend,
         study_name=study_name,
@@ -192,8 +227,13 @@ def enqueue(
     study.enqueue_trial(unit_cube_params(domains, weights), user_attrs=user_attrs)
 
 
-def enqueue_once(study: optuna.Study, items: Sequence[tuple[str, str, np.ndarray]]) -> int:
-    """Queue (key, kind, weights) items whose key no live trial holds yet; returns how many."""
+def enqueue_once(
+    study: optuna.Study,
+    items: Sequence[tuple[str, str, np.ndarray]],
+    budget_tokens: int | None = None,
+) -> int:
+    """Queue (key, kind, weights) items whose key no live trial holds yet, to be scored at
+    `budget_tokens`; returns how many were queued."""
     held = {
         t.user_attrs.get("key")
         for t in study.get_trials(deepcopy=False)
@@ -202,7 +242,7 @@ def enqueue_once(study: optuna.Study, items: Sequence[tuple[str, str, np.ndarray
     queued = 0
     for key, kind, weights in items:
         if key not in held:
-            enqueue(study, weights, kind, key)
+            enqueue(study, weights, kind, key, budget_tokens=budget_tokens)
             queued += 1
     return queued
 
@@ -386,7 +426,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "effective_mixture": dict(zip(domains, attrs["effective_mixture"], strict=True)),
             "objective": t.value,
             "feasible": attrs.get("feasible", True),
-            "metrics": attrs["metrics"],
+            # NaN is not JSON; a metric the scorer could not compute is written as null.
+            "metrics": {k: v if math.isfinite(v) else None for k, v in attrs["metrics"].items()},
             "budget_tokens": attrs.get("budget_tokens"),
             "full_budget": attrs.get("full_budget", True),
             "cost_s": attrs.get("cost_s"),
@@ -409,7 +450,10 @@ def _compare(best: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[st
     loss_delta = {
         key.split("/")[1]: best["metrics"][key] - value
         for key, value in base["metrics"].items()
-        if key.startswith("heldout/") and key.endswith("/loss") and key in best["metrics"]
+        if key.startswith("heldout/")
+        and key.endswith("/loss")
+        and best["metrics"].get(key) is not None
+        and value is not None
     }
     return {
         "number": base["number"],

@@ -1,0 +1,182 @@
+"""`merge-mix search` end to end: a pool's proxy scorer -> sampling search -> gradient
+search -> report, all in one run directory.
+
+The sampling part is `run_search` (resumable, shareable study); the gradient search runs
+after it in the same worker, is recorded in the same study (kind ``gradient:<method>``),
+and is compared with sampling at equal wall time in ``gradient.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from merge_mix.artifacts import write_json_atomic
+from merge_mix.objective import Objective
+from merge_mix.search.config import SearchConfig
+from merge_mix.search.gradient import GradientConfig, gradient_search
+
+
+def sampling_at_equal_time(rows: list[dict], seconds: float) -> dict[str, Any] | None:
+    """Best full-budget sampler trial found within `seconds` of cumulative scoring time,
+    counting baselines first (they are scored first in every study)."""
+    spent, best = 0.0, None
+    for row in rows:
+        kind = row["kind"]
+        if not (kind.startswith("baseline:") or kind.startswith("sampler:")):
+            continue
+        if not row.get("full_budget", True) or row["objective"] is None:
+            continue
+        spent += float(row.get("cost_s") or 0.0)
+        if spent > seconds:
+            break
+        if best is None or row["objective"] < best["objective"]:
+            best = {"number": row["number"], "kind": kind, "objective": row["objective"]}
+    if best is not None:
+        best["seconds"] = round(min(spent, seconds), 3)
+    return best
+
+
+def run_gradient(
+    scorer,
+    objective: Objective,
+    config: SearchConfig,
+    gradient: GradientConfig,
+    run_dir: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Gradient search from the uniform mixture; record it in the study and compare it with
+    sampling at equal wall time. Returns the summary written to ``gradient.json``."""
+    from tqdm import tqdm
+
+    from merge_mix.search.study import baseline_metrics, export_trials, open_study, record_trial
+
+    study = open_study(run_dir, list(scorer.domains), objective, config.storage, config.study_name)
+    baseline = baseline_metrics(study, objective.baseline) if objective.constraints else None
+    with tqdm(
+        total=gradient.steps,
+        desc=f"gradient [{gradient.method}]",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+
+        def tick(step, value, weights):
+            bar.set_postfix(train_objective=f"{value:.4f}")
+            bar.update(1)
+
+        result = gradient_search(scorer, objective, gradient, baseline=baseline, progress=tick)
+    started = time.perf_counter()
+    metrics = scorer.score(result.weights, config.budget_tokens)
+    score_s = time.perf_counter() - started
+    value = record_trial(
+        study, objective, result.weights, metrics, kind=f"gradient:{gradient.method}",
+        worker=config.worker, effective_mixture=scorer.effective_mixture(result.weights),
+        budget_tokens=config.budget_tokens, full_budget=True,
+        cost_s=result.wall_time_s + score_s,
+    )  # fmt: skip
+    export_trials(study, run_dir)
+    rows = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
+    seconds = result.wall_time_s + score_s
+    summary = {
+        "config": asdict(gradient),
+        "merge_weights": dict(zip(scorer.domains, map(float, result.weights), strict=True)),
+        "objective": value,
+        "evaluations": result.evaluations + 1,
+        "wall_time_s": round(seconds, 3),
+        "sampling_at_equal_time": sampling_at_equal_time(rows, seconds),
+        "best_sampled": min(
+            (
+                r["objective"]
+                for r in rows
+                if r["kind"].startswith(("sampler:", "baseline:")) and r["objective"] is not None
+            ),
+            default=None,
+        ),  # fmt: skip
+        "history": result.history,
+    }
+    write_json_atomic(run_dir / "gradient.json", summary)
+    return summary
+
+
+def search_pool(
+    pool_dir: Path,
+    objective: Objective,
+    config: SearchConfig,
+    run_dir: Path,
+    gradient: GradientConfig | None = None,
+    scorer_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Search `pool_dir` for the mixture that minimises `objective`; write the report.
+    `gradient` None skips the gradient search.
+
+    Returns a summary: the best trial, the gradient comparison, the report paths."""
+    from merge_mix.proxy import ProxyScorer
+    from merge_mix.report import write_report
+    from merge_mix.search.run import run_search
+
+    options = dict(scorer_options or {})
+    if objective.needs_lmeval and not options.get("lmeval_tasks"):
+        from merge_mix.errors import MergeMixError
+
+        raise MergeMixError("objective: it uses lm-eval metrics; name the tasks with --tasks")
+    scorer = ProxyScorer(pool_dir, **options)
+    if config.budget_tokens is None:
+        import dataclasses
+
+        config = dataclasses.replace(config, budget_tokens=scorer.heldout_tokens)
+    run_dir = Path(run_dir)
+    result = run_search(scorer, objective, config, run_dir)
+    grad = None
+    if gradient is not None:
+        grad = run_gradient(scorer, objective, config, gradient, run_dir, config.progress)
+    report = write_report(run_dir)
+    best = json.loads((run_dir / "best.json").read_text())
+    n_rows = len((run_dir / "trials.jsonl").read_text().splitlines())
+    return {
+        "run_dir": str(run_dir),
+        "n_trials": n_rows,
+        "best": best,
+        "gradient": grad,
+        "surrogate": result.surrogate,
+        "halving": result.halving,
+        "report_md": str(report.markdown),
+        "report_html": str(report.html),
+        "beats_uniform": report.beats_uniform,
+        "domains": list(scorer.domains),
+        "weights_best": np.asarray([best["merge_weights"][d] for d in scorer.domains]).tolist(),
+    }
+
+
+def format_search_summary(summary: dict[str, Any]) -> str:
+    """What `merge-mix search` prints when it is done."""
+    best = summary["best"]
+    doms = summary["domains"]
+    lines = [
+        f"{summary['n_trials']} trials in {summary['run_dir']}",
+        f"best: trial {best['number']} ({best['kind']}), objective {best['objective']:.5f}",
+        "  merge weights:      " + " ".join(f"{d}={best['merge_weights'][d]:.3f}" for d in doms),
+        "  effective mixture:  "
+        + " ".join(f"{d}={best['effective_mixture'][d]:.3f}" for d in doms),
+    ]
+    for name, base in (best.get("baselines") or {}).items():
+        if base:
+            verdict = "beats" if base.get("beaten") else "does NOT beat"
+            lines.append(
+                f"  {verdict} the {name} baseline ({base['objective']:.5f};"
+                f" delta {base['objective_delta']:+.5f})"
+            )
+    g = summary.get("gradient")
+    if g:
+        eq = g["sampling_at_equal_time"]
+        eq_text = f"{eq['objective']:.5f}" if eq else "nothing scored yet"
+        lines.append(
+            f"gradient search: objective {g['objective']:.5f} with {g['evaluations']} evaluations"
+            f" in {g['wall_time_s']:.1f}s; sampling in the same time reached {eq_text}"
+        )
+    lines.append(f"report: {summary['report_html']} (and {summary['report_md']})")
+    return "\n".join(lines)

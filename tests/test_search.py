@@ -1,0 +1,419 @@
+"""The search engine against fake scorers whose optimum is known.
+
+The fake's mean-loss optimum is near (0.2, 0.61, 0.19), about 0.06 better than the uniform
+mixture and 0.14 better than the natural one (see merge_mix/search/fake.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from merge_mix.errors import MergeMixError
+from merge_mix.objective import load_objective
+from merge_mix.search import SearchConfig, run_search
+from merge_mix.search.fake import FakeScorer, best_on_grid
+from merge_mix.search.simplex import (
+    apply_caps,
+    dirichlet_candidates,
+    from_unit_cube,
+    simplex_grid,
+    to_unit_cube,
+    token_caps,
+)
+from merge_mix.search.surrogate import cross_val_spearman, fit_kernel, fit_mixing_law
+
+MEAN_LOSS = load_objective("mean_loss")
+BASELINE_KINDS = {
+    "baseline:uniform",
+    "baseline:natural",
+    "baseline:pure:web",
+    "baseline:pure:code",
+    "baseline:pure:math",
+}
+
+
+def config(tmp_path: Path, **overrides) -> SearchConfig:
+    """A fast config: journal storage (cheap commits), no surrogate, no progress bar."""
+    values = {
+        "n_trials": 12,
+        "storage": str(tmp_path / "study.jsonl"),
+        "surrogate": False,
+        "progress": False,
+    }
+    return SearchConfig(**{**values, **overrides})
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
+
+
+def run_script(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE)
+
+
+# --- the simplex -------------------------------------------------------------------------
+
+
+def test_simplex_helpers():
+    assert len(simplex_grid(3, 0.1)) == 66
+    assert len(simplex_grid(2, 0.25)) == 5
+    for w in (np.array([0.2, 0.3, 0.5]), np.array([1.0, 0.0, 0.0])):
+        np.testing.assert_allclose(from_unit_cube(to_unit_cube(w)), w, atol=1e-12)
+
+    caps = token_caps(np.array([1e9, 4e9, 9e9]), train_tokens=10**10, max_epochs=2)
+    np.testing.assert_allclose(caps, [0.2, 0.8, 1.0])
+    np.testing.assert_allclose(apply_caps(np.array([0.9, 0.1, 0.0]), caps), [0.2, 0.8, 0.0])
+    rng = np.random.default_rng(0)
+    w = dirichlet_candidates(rng, 5000, np.array([0.7, 0.2, 0.1]), (0.5, 5.0), caps, 0.01)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0)
+    assert (w <= caps + 1e-12).all()
+    assert not ((w > 0) & (w < 0.01 - 1e-12)).any()
+
+    with pytest.raises(MergeMixError, match="max_epochs"):
+        token_caps(np.array([1e9, 1e9]), train_tokens=10**10, max_epochs=1)
+    with pytest.raises(MergeMixError, match="at most 3 domains"):
+        simplex_grid(4, 0.1)
+
+
+# --- samplers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sampler", "n_trials", "tolerance"),
+    [
+        ("grid", 0, 1e-3),  # step 0.2: the grid contains (0.2, 0.6, 0.2)
+        ("random", 24, 0.02),
+        ("dirichlet", 24, 0.05),  # centred on the natural mixture, far from the optimum
+        ("tpe", 24, 0.01),
+        ("cmaes", 24, 0.01),
+    ],
+)
+def test_sampler_gets_near_the_known_optimum(tmp_path, sampler, n_trials, tolerance):
+    scorer = FakeScorer()
+    _, optimum = best_on_grid(scorer, MEAN_LOSS)
+    cfg = config(
+        tmp_path, sampler=sampler, n_trials=n_trials, grid_step=0.2, seed=1, storage=":memory:"
+    )
+    result = run_search(scorer, MEAN_LOSS, cfg, tmp_path)
+
+    assert result.best["objective"] - optimum < tolerance
+    assert result.best["baselines"]["uniform"]["beaten"]
+    # Every baseline scored exactly once, and recorded once.
+    trials = rows(tmp_path)
+    assert sorted(r["kind"] for r in trials if r["kind"].startswith("baseline:")) == sorted(
+        BASELINE_KINDS
+    )
+    uniform_calls = [c for c in scorer.calls if np.allclose(c[0], 1 / 3)]
+    assert len(uniform_calls) == 1
+    expected = 21 if sampler == "grid" else n_trials
+    assert sum(r["kind"] == f"sampler:{sampler}" for r in trials) == expected
+
+
+def test_outputs_have_documented_shape(tmp_path):
+    result = run_search(FakeScorer(lmeval=True), MEAN_LOSS, config(tmp_path, n_trials=3), tmp_path)
+    first = rows(tmp_path)[0]
+    assert list(first) == [
+        "number",
+        "kind",
+        "worker",
+        "merge_weights",
+        "effective_mixture",
+        "objective",
+        "feasible",
+        "metrics",
+        "budget_tokens",
+        "full_budget",
+        "cost_s",
+    ]
+    assert list(first["merge_weights"]) == ["web", "code", "math"]
+    assert "lmeval/mmx_choice_code/acc" in first["metrics"]
+    header = (tmp_path / "trials.csv").read_text().splitlines()[0].split(",")
+    assert header[:6] == ["number", "kind", "worker", "merge_weights/web"] + [
+        "merge_weights/code",
+        "merge_weights/math",
+    ]
+    assert header[-3:] == ["budget_tokens", "full_budget", "cost_s"]
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best == result.best
+    assert {"merge_weights", "effective_mixture", "objective", "baselines", "metrics"} <= set(best)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["n_trials"] == 3 and "optuna" in run["versions"] and run["finished_at"]
+
+
+def test_sqlite_default_storage_resumes_without_rescoring(tmp_path):
+    scorer = FakeScorer()
+    cfg = SearchConfig(n_trials=3, surrogate=False, progress=False)
+    run_search(scorer, MEAN_LOSS, cfg, tmp_path)
+    assert (tmp_path / "study.db").exists()
+    calls = len(scorer.calls)
+    result = run_search(scorer, MEAN_LOSS, cfg, tmp_path)
+    assert len(scorer.calls) == calls and result.n_trials == 3 + 5
+
+
+# --- resume and workers ------------------------------------------------------------------
+
+
+class CrashAfter(FakeScorer):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def score(self, weights, budget_tokens=None):
+        if len(self.calls) == self.n:
+            raise RuntimeError("simulated crash")
+        return super().score(weights, budget_tokens)
+
+
+def check_complete(run_dir: Path, per_worker: dict[str, int], sampler: str = "dirichlet") -> None:
+    """Each worker's quota met exactly, every baseline once, no mixture scored twice."""
+    trials = rows(run_dir)
+    for worker, n in per_worker.items():
+        mine = [r for r in trials if r["kind"] == f"sampler:{sampler}" and r["worker"] == worker]
+        assert len(mine) == n, worker
+    assert sorted(r["kind"] for r in trials if r["kind"].startswith("baseline")) == sorted(
+        BASELINE_KINDS
+    )
+    weights = np.array([list(r["merge_weights"].values()) for r in trials])
+    distinct = np.unique(weights.round(9), axis=0)
+    assert len(distinct) == len(trials)
+
+
+def test_crash_mid_search_then_resume_loses_and_duplicates_nothing(tmp_path):
+    crashing = CrashAfter(9)  # the 5 baselines, 4 sampled trials, then a crash
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_search(crashing, MEAN_LOSS, config(tmp_path, n_trials=10), tmp_path)
+    from merge_mix.search.study import open_study
+
+    study = open_study(tmp_path, crashing.domains, MEAN_LOSS, str(tmp_path / "study.jsonl"))
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(failed) == 1 and "simulated crash" in failed[0].user_attrs["error"]
+    lost = failed[0].user_attrs["merge_weights"]
+
+    scorer = FakeScorer()
+    run_search(scorer, MEAN_LOSS, config(tmp_path, n_trials=10), tmp_path)
+    assert len(scorer.calls) == 10 - 4  # the crashed trial again, then the rest of the quota
+    assert np.allclose(scorer.calls[0][0], lost)
+    check_complete(tmp_path, {"main": 10})
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from merge_mix.objective import load_objective
+from merge_mix.search import SearchConfig, run_search
+from merge_mix.search.fake import FakeScorer
+
+class KilledAfter(FakeScorer):
+    def score(self, weights, budget_tokens=None):
+        if len(self.calls) == 7:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().score(weights, budget_tokens)
+
+run_dir = Path(sys.argv[1])
+config = SearchConfig(n_trials=6, storage=str(run_dir / "study.jsonl"), surrogate=False,
+                      progress=False)
+run_search(KilledAfter(), load_objective("mean_loss"), config, run_dir)
+"""
+
+
+def test_sigkill_mid_trial_then_resume(tmp_path):
+    process = run_script(KILL_SCRIPT, str(tmp_path))
+    process.wait(timeout=60)
+    assert process.returncode == -9
+    from merge_mix.search.study import open_study
+
+    study = open_study(tmp_path, ["web", "code", "math"], MEAN_LOSS, str(tmp_path / "study.jsonl"))
+    running = [t for t in study.trials if t.state.name == "RUNNING"]
+    assert len(running) == 1  # killed while scoring its 8th mixture (the 3rd sampled one)
+    lost = running[0].user_attrs["merge_weights"]
+
+    scorer = FakeScorer()
+    run_search(scorer, MEAN_LOSS, config(tmp_path, n_trials=6), tmp_path)
+    assert len(scorer.calls) == 1 + 3  # the killed trial again, then the rest of the quota
+    assert np.allclose(scorer.calls[0][0], lost)
+    check_complete(tmp_path, {"main": 6})
+
+
+WORKER_SCRIPT = """
+import sys
+from pathlib import Path
+from merge_mix.objective import load_objective
+from merge_mix.search import SearchConfig, run_search
+from merge_mix.search.fake import FakeScorer
+
+run_dir, worker = Path(sys.argv[1]), sys.argv[2]
+config = SearchConfig(sampler="tpe", n_trials=8, worker=worker, storage=str(run_dir / "shared.jsonl"),
+                      surrogate=False, progress=False)
+run_search(FakeScorer(), load_objective("mean_loss"), config, run_dir / worker)
+"""
+
+
+def test_two_workers_share_one_journal_study(tmp_path):
+    workers = [run_script(WORKER_SCRIPT, str(tmp_path), name) for name in ("a", "b")]
+    for process in workers:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err.decode()[-2000:]
+    # Either worker's export holds the whole study; refresh it once both are done.
+    from merge_mix.search.study import export_trials, open_study
+
+    study = open_study(tmp_path, ["web", "code", "math"], MEAN_LOSS, str(tmp_path / "shared.jsonl"))
+    export_trials(study, tmp_path)
+    check_complete(tmp_path, {"a": 8, "b": 8}, sampler="tpe")
+    errors = [t for t in study.trials if "error" in t.user_attrs]
+    assert not errors
+
+
+# --- halving and the surrogate -------------------------------------------------------------
+
+
+def test_halving_picks_what_full_budget_scoring_picks_for_less(tmp_path):
+    full = 90_000
+    scorer = FakeScorer(full_budget=full, budget_bias=0.05)
+    cfg = config(
+        tmp_path,
+        sampler="random",
+        n_trials=27,
+        halving=True,
+        eta=3,
+        rungs=3,
+        budget_tokens=full,
+        halving_verify=True,
+        storage=":memory:",
+    )
+    result = run_search(scorer, MEAN_LOSS, cfg, tmp_path)
+    summary = result.halving
+    assert summary["sizes"] == [27, 9, 3] and summary["budgets"] == [10_000, 30_000, 90_000]
+    assert summary["speedup"] == pytest.approx(3.0)
+    assert summary["verified"]["same_pick"] is True
+    assert result.best["halving"]["main"]["pick"] == summary["pick"]
+    cheap = [r for r in rows(tmp_path) if not r["full_budget"]]
+    assert len(cheap) == 27 + 9 and all(r["budget_tokens"] < full for r in cheap)
+    assert result.best["number"] not in {r["number"] for r in cheap}
+
+
+def test_mixing_law_recovers_planted_parameters():
+    rng = np.random.default_rng(0)
+    r = rng.dirichlet(np.ones(3), size=60)
+    c, k, t = 1.5, 0.8, np.array([-2.0, 0.5, 1.5])  # already in the gauge mean(t) = 0
+    y = c + k * np.exp(r @ t) + rng.normal(0, 0.002, len(r))
+    law = fit_mixing_law(r, y, seed=0)
+    assert law.c == pytest.approx(c, abs=0.05)
+    assert law.k == pytest.approx(k, rel=0.05)
+    np.testing.assert_allclose(law.t, t, atol=0.05)
+    assert cross_val_spearman(fit_mixing_law, r, y, folds=5) > 0.99
+    assert cross_val_spearman(fit_kernel, r, y, folds=5) > 0.9
+
+
+def test_surrogate_pick_beats_the_median_random_trial(tmp_path):
+    scorer = FakeScorer()
+    _, optimum = best_on_grid(scorer, MEAN_LOSS)
+    cfg = config(
+        tmp_path, sampler="random", n_trials=16, surrogate=True, surrogate_candidates=20_000
+    )
+    result = run_search(scorer, MEAN_LOSS, cfg, tmp_path)
+    trials = rows(tmp_path)
+    random_objectives = [r["objective"] for r in trials if r["kind"] == "sampler:random"]
+    pick = [r for r in trials if r["kind"] == "surrogate:topk"]
+    assert len(pick) == 1
+    assert pick[0]["objective"] < np.median(random_objectives)
+    assert pick[0]["objective"] - optimum < 0.02
+    fits = result.surrogate["fits"]
+    assert set(fits) == {f"heldout/{d}/loss" for d in scorer.domains}
+    assert all(f["spearman"][f["chosen"]] > 0.9 for f in fits.values())
+    # Resuming a finished run scores nothing new, not even the surrogate pick.
+    calls = len(scorer.calls)
+    run_search(scorer, MEAN_LOSS, cfg, tmp_path)
+    assert len(scorer.calls) == calls
+
+
+def test_target_objective_reports_feasibility(tmp_path):
+    objective = load_objective("target:math")
+    result = run_search(FakeScorer(), objective, config(tmp_path, sampler="tpe"), tmp_path)
+    trials = rows(tmp_path)
+    assert any(not r["feasible"] for r in trials)  # the pure components break the tolerance
+    assert result.best["feasible"] is True
+    assert next(r for r in trials if r["kind"] == "baseline:uniform")["feasible"] is True
+
+
+def test_record_trial_adds_an_externally_scored_mixture(tmp_path):
+    from merge_mix.search.study import export_trials, open_study, record_trial
+
+    scorer = FakeScorer()
+    run_search(scorer, MEAN_LOSS, config(tmp_path, n_trials=2), tmp_path)
+    study = open_study(tmp_path, scorer.domains, MEAN_LOSS, str(tmp_path / "study.jsonl"))
+    weights = np.array([0.2, 0.6, 0.2])
+    value = record_trial(study, MEAN_LOSS, weights, scorer.score(weights), kind="gradient:adam")
+    export_trials(study, tmp_path)
+    recorded = [r for r in rows(tmp_path) if r["kind"] == "gradient:adam"]
+    assert len(recorded) == 1 and recorded[0]["objective"] == pytest.approx(value)
+    assert json.loads((tmp_path / "best.json").read_text())["kind"] == "gradient:adam"
+
+
+# --- user errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"sampler": "bayes"}, "sampler"),
+        ({"n_trials": -1}, "n_trials"),
+        ({"grid_step": 0.3}, "grid_step"),
+        ({"strength": (5.0, 0.5)}, "strength"),
+        ({"storage": "study.db"}, "storage"),
+        ({"halving": True, "sampler": "tpe", "budget_tokens": 9}, "halving"),
+        ({"halving": True}, "budget_tokens"),
+        ({"halving_verify": True}, "halving_verify"),
+        ({"worker": "a b"}, "worker"),
+        ({"top_k": 0}, "top_k"),
+    ],
+)
+def test_bad_configs_fail_with_one_line(overrides, message):
+    with pytest.raises(MergeMixError) as err:
+        SearchConfig(**overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(MergeMixError, match="unknown key 'trials'"):
+        SearchConfig.from_dict({"trials": 3})
+
+
+def test_grid_needs_three_domains_or_fewer(tmp_path):
+    four = FakeScorer(
+        domains=("a", "b", "c", "d"),
+        c=(1, 1, 1, 1),
+        k=(1, 1, 1, 1),
+        t=(1, 1, 1, 1),
+        natural=(1, 1, 1, 1),
+        available_tokens=(1, 1, 1, 1),
+    )
+    with pytest.raises(MergeMixError, match="at most 3 domains"):
+        run_search(four, MEAN_LOSS, config(tmp_path, sampler="grid"), tmp_path)
+
+
+def test_study_refuses_other_domains_or_objective(tmp_path):
+    run_search(FakeScorer(), MEAN_LOSS, config(tmp_path, n_trials=1), tmp_path)
+    with pytest.raises(MergeMixError, match="objective 'mean_loss'") as err:
+        run_search(FakeScorer(), load_objective("worst_loss"), config(tmp_path), tmp_path)
+    assert "\n" not in str(err.value)
+    other = FakeScorer(domains=("web", "code", "law"))
+    with pytest.raises(MergeMixError, match="for domains"):
+        run_search(other, MEAN_LOSS, config(tmp_path), tmp_path)
+
+
+def test_missing_metric_names_the_term(tmp_path):
+    objective = load_objective({"terms": [{"source": "lmeval", "metric": "acc"}]})
+    with pytest.raises(MergeMixError, match="lmeval/\\*/acc"):
+        run_search(FakeScorer(), objective, config(tmp_path), tmp_path)
+
+
+def test_importing_the_package_stays_light():
+    code = "import sys, merge_mix.search, merge_mix.objective; print('optuna' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
