@@ -37,7 +37,7 @@ import numpy as np
 
 from merge_mix.errors import MergeMixError
 
-SOURCES = ("heldout", "lmeval")
+SOURCES = ("heldout", "lmeval", "calibrated")
 HELDOUT_METRICS = ("loss", "ppl", "bpb")
 DIRECTIONS = ("minimize", "maximize")
 REDUCTIONS = ("mean", "max", "min")
@@ -54,6 +54,8 @@ _OBJECTIVE_KEYS = ("name", "terms", "constraints", "baseline", "penalty")
 def _check_source_metric(where: str, source: str, metric: str) -> None:
     if source not in SOURCES:
         raise MergeMixError(f"{where}.source: {source!r} is not one of {', '.join(SOURCES)}")
+    if source == "calibrated" and metric != "loss":
+        raise MergeMixError(f"{where}.metric: calibrated metrics are losses only ('loss')")
     if source == "heldout" and metric not in HELDOUT_METRICS:
         raise MergeMixError(
             f"{where}.metric: unknown held-out metric {metric!r} "
@@ -365,11 +367,18 @@ def objective_from_dict(raw: Mapping[str, Any], where: str = "objective") -> Obj
         raise MergeMixError(f"{where}: {err}") from None
 
 
-def preset(spec: str) -> Objective:
-    """The objective named by a preset string: mean_loss, worst_loss, target:<domain>[:<tol>]."""
+def preset(spec: str, calibrated: bool = False) -> Objective:
+    """The objective named by a preset string: mean_loss, worst_loss, target:<domain>[:<tol>].
+
+    With `calibrated`, the same objective over calibrated proxy losses (from `merge-mix
+    validate`): the mean and worst presets read their own fitted aggregates."""
     if spec == "mean_loss":
+        if calibrated:
+            return Objective(terms=(Term("calibrated", "loss", "mean"),), name=f"{spec}@cal")
         return Objective(terms=(Term("heldout", "loss", "*", reduce="mean"),), name=spec)
     if spec == "worst_loss":
+        if calibrated:
+            return Objective(terms=(Term("calibrated", "loss", "worst"),), name=f"{spec}@cal")
         return Objective(terms=(Term("heldout", "loss", "*", reduce="max"),), name=spec)
     if spec.startswith("target:"):
         parts = spec.split(":")
@@ -384,10 +393,13 @@ def preset(spec: str) -> Objective:
                     f"objective: tolerance {parts[2]!r} in {spec!r} is not a number"
                 ) from None
         domain = parts[1]
+        source = "calibrated" if calibrated else "heldout"
+        # Calibrated aggregates share the per-domain key scheme; they are not domains.
+        exclude = (domain, "mean", "worst") if calibrated else (domain,)
         return Objective(
-            terms=(Term("heldout", "loss", domain),),
-            constraints=(Constraint("heldout", "loss", "*", (domain,), tolerance),),
-            name=spec,
+            terms=(Term(source, "loss", domain),),
+            constraints=(Constraint(source, "loss", "*", exclude, tolerance),),
+            name=f"{spec}@cal" if calibrated else spec,
         )
     raise MergeMixError(
         f"objective: unknown preset {spec!r} (expected {', '.join(PRESETS)}, or a YAML file)"
@@ -395,11 +407,14 @@ def preset(spec: str) -> Objective:
 
 
 def load_objective(
-    spec: str | Path | Mapping[str, Any], domains: Sequence[str] | None = None
+    spec: str | Path | Mapping[str, Any],
+    domains: Sequence[str] | None = None,
+    calibrated: bool = False,
 ) -> Objective:
     """Load an objective from a preset string, a YAML file path, or a parsed mapping.
 
-    With `domains`, also check that every named held-out domain is in the pool.
+    With `domains`, also check that every named held-out domain is in the pool. With
+    `calibrated`, presets read calibrated losses (files say their own sources).
     """
     if isinstance(spec, Mapping):
         objective = objective_from_dict(spec)
@@ -417,7 +432,7 @@ def load_objective(
             raw = {**raw, "name": path.stem}
         objective = objective_from_dict(raw, where=str(path))
     else:
-        objective = preset(str(spec))
+        objective = preset(str(spec), calibrated)
     if domains is not None:
         objective.check_domains(domains)
     return objective

@@ -197,7 +197,9 @@ def gradient_search(
                 new = new / new.sum()
                 logits.copy_(torch.log(new))
         wv = torch.softmax(logits.detach(), dim=0).numpy()
-        history.append({"step": step + 1, "objective_train": float(value.detach()), "weights": wv.tolist()})
+        history.append(
+            {"step": step + 1, "objective_train": float(value.detach()), "weights": wv.tolist()}
+        )
         if progress is not None:
             progress(step + 1, float(value.detach()), wv)
     weights = torch.softmax(logits.detach(), dim=0).numpy().astype(np.float64)

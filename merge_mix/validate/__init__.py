@@ -1,0 +1,357 @@
+"""Validation: how faithfully merged proxies rank mixtures, measured against real models.
+
+``merge-mix validate POOL`` (or `validate`) trains *reference* models from the pool's base,
+each on the effective data mixture a set of merge weights stands for, with the components'
+hyperparameters and token budget; scores each reference and the merged proxy of the same
+weights with the same evaluator on the same held-out windows; and reports rank fidelity
+(`merge_mix.fidelity`) per domain, on the mean loss over domains and on the worst domain,
+raw and calibrated (leave-one-out), with each component's drift from the base.
+
+Stages, one module each: `mixtures` (which mixtures), `references` (train or reuse the
+reference models, stored in the pool), `calibrate` (calibration.json, `load_calibration`,
+drift), `report` (validation.json, references.csv, report.md/html, `format_summary`).
+
+Everything is resumable: references are committed one by one (record written last), an
+interrupted one resumes from its checkpoint, and finished ones are reused (sha256-verified)
+by any later validation of the pool. Several processes may validate one pool at once; each
+trains the references no other process holds and waits for the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from merge_mix.errors import MergeMixError
+from merge_mix.validate import calibrate
+from merge_mix.validate.calibrate import (
+    CALIBRATION,
+    FIDELITY_HOLDS,
+    ProxyCalibration,
+    calibrated_key,
+    drift_warning,
+    fidelity_holds,
+    load_calibration,
+    loss_key,
+    pool_drift,
+)
+from merge_mix.validate.mixtures import MIN_MIXTURES, Mixtures, load_mixtures
+from merge_mix.validate.report import write_outputs
+from merge_mix.validate.summary import format_summary, num
+
+__all__ = [
+    "FIDELITY_HOLDS",
+    "MIN_MIXTURES",
+    "ProxyCalibration",
+    "drift_warning",
+    "format_summary",
+    "load_calibration",
+    "load_mixtures",
+    "validate",
+]
+
+FORMAT = "merge-mix-validation"
+FORMAT_VERSION = 1
+DEFAULT_HELDOUT_TOKENS = 16_384  # the same default as ProxyScorer's
+
+
+def validate(
+    pool_dir: str | Path,
+    mixtures: Sequence[tuple[str, np.ndarray]] | str | Path | None = None,
+    run_dir: str | Path | None = None,
+    n_references: int = 16,
+    seed: int = 0,
+    heldout_tokens: int | None = DEFAULT_HELDOUT_TOKENS,
+    device: str = "auto",
+    keep_base: Sequence[str] = (),
+    n_boot: int = 2000,
+    show_progress: bool = True,
+    out_dir: str | Path | None = None,
+    reference_tokens: int | None = None,
+    top_picks: int = 3,
+    step_callback: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or reuse) references, score them and their proxies, measure fidelity, calibrate.
+
+    `mixtures`: (label, merge weights) pairs, or a mixtures file (JSON/YAML, format in
+    `merge_mix.validate.mixtures`); None for the default set of `n_references`: the search's
+    picks, uniform, natural, each pure component, then seeded Dirichlet draws. `run_dir`: a
+    search run directory whose top `top_picks` mixtures (best.json, trials.jsonl) come first.
+    `heldout_tokens`: per-domain held-out budget for proxies and references alike.
+    `keep_base`: the merge rule's keep-at-base patterns (as in eval/search).
+    `reference_tokens`: train references on this many tokens instead of the components'
+    budget (cheaper, but then fidelity is measured against different models: recorded, warned
+    about, and the calibration is not installed in the pool). `step_callback(label, step)`
+    runs after every training step of a reference (tests use it to simulate a kill).
+
+    Writes into `out_dir` (default ``<run_dir>/validation`` with a run directory, else
+    ``<pool>/validation``) validation.json, references.csv, calibration.json, report.md,
+    report.html and the plots, installs the calibration as ``<pool>/calibration.json`` when
+    the references used the components' budget, and returns validation.json's content.
+    """
+    from tqdm.auto import tqdm
+
+    from merge_mix.artifacts import library_versions
+    from merge_mix.evaluate import heldout_metrics
+    from merge_mix.fidelity import (
+        MEAN_TARGET,
+        WORST_TARGET,
+        aggregate_targets,
+        fidelity_table,
+        fit_calibration,
+        loo_fidelity,
+    )
+    from merge_mix.merge import effective_mixture
+    from merge_mix.model import load_model
+    from merge_mix.pool import Pool
+    from merge_mix.proxy import ProxyScorer
+    from merge_mix.validate.mixtures import check_mixtures, default_mixtures, search_picks
+    from merge_mix.validate.references import (
+        ReferencePlan,
+        check_epochs,
+        ensure_reference,
+        reference_dir,
+        reference_id,
+        training_spec,
+    )
+
+    started = time.perf_counter()
+    pool = Pool.open(pool_dir, require_complete=True)
+    domains = pool.domains
+    spec = training_spec(pool)
+    tokens = int(reference_tokens if reference_tokens is not None else spec.component_tokens)
+    if tokens <= 0:
+        raise MergeMixError(f"reference_tokens: must be > 0, got {tokens}")
+    if heldout_tokens is not None and heldout_tokens <= 0:
+        raise MergeMixError(f"heldout_tokens: must be > 0, got {heldout_tokens}")
+    general, share = pool.general_mixture(), pool.general_share
+
+    # --- which mixtures ---
+    picks: Mixtures = search_picks(run_dir, domains, top_picks) if run_dir is not None else []
+    if mixtures is None:
+        chosen = default_mixtures(domains, pool.natural_mixture(), n_references, seed, picks)
+    elif isinstance(mixtures, (str, Path)):
+        chosen = check_mixtures(picks + load_mixtures(mixtures, domains, share, general), domains)
+    else:
+        chosen = check_mixtures(picks + list(mixtures), domains)
+    plans = []
+    for label, w in chosen:
+        mix = effective_mixture(w, share, general)
+        check_epochs(pool, mix, tokens)
+        plans.append(ReferencePlan(reference_id(pool, mix, tokens), label, w, mix, tokens))
+    if out_dir is not None:
+        out = Path(out_dir)
+    else:  # never the run directory itself: its report.md is the search's
+        out = (Path(run_dir) if run_dir is not None else pool.path) / "validation"
+
+    # --- references ---
+    scorer = ProxyScorer(
+        pool, device=device, heldout_tokens=heldout_tokens, keep_base=tuple(keep_base)
+    )
+    train_args = dict(
+        spec=spec,
+        device=scorer.device,
+        heldout=scorer.heldout,
+        precision=scorer.precision,
+        step_callback=step_callback,
+        show_progress=show_progress,
+    )
+    records: dict[str, tuple[dict[str, Any], str]] = {}
+    busy = []
+    for plan in tqdm(plans, desc="references", unit="ref", disable=not show_progress):
+        record, status = ensure_reference(pool, plan, **train_args)
+        if record is None:
+            busy.append(plan)
+        else:
+            records[plan.id] = (record, status)
+    for plan in busy:  # held by other processes: wait for them (or finish what they left)
+        records[plan.id] = ensure_reference(pool, plan, blocking=True, **train_args)
+
+    # --- scoring: the same evaluator and held-out windows for proxies and references ---
+    proxy_metrics, real_metrics, proxy_s, real_s = [], [], [], []
+    for plan in tqdm(plans, desc="scoring", unit="mixture", disable=not show_progress):
+        proxy_metrics.append(scorer.score(plan.merge_weights))
+        proxy_s.append(scorer.last_cost_s)
+        t0 = time.perf_counter()
+        model = load_model(reference_dir(pool, plan.id), scorer.device)
+        real_metrics.append(
+            heldout_metrics(
+                model, scorer.heldout, scorer.device, scorer.precision, scorer.batch_size
+            )
+        )
+        real_s.append(time.perf_counter() - t0)
+        del model
+
+    # --- fidelity, raw and leave-one-out calibrated ---
+    labels = [p.label for p in plans]
+    weights = np.stack([p.merge_weights for p in plans])
+    keys = [loss_key(d) for d in domains]
+    proxy = {k: np.array([m[k] for m in proxy_metrics]) for k in keys}
+    real = {k: np.array([m[k] for m in real_metrics]) for k in keys}
+    proxy.update(aggregate_targets({k: proxy[k] for k in keys}))
+    real.update(aggregate_targets({k: real[k] for k in keys}))
+    targets = [*keys, MEAN_TARGET, WORST_TARGET]
+    baselines = _baselines_by_weights(weights, domains, pool.natural_mixture())
+    common = dict(baselines=baselines, domain_targets=keys, n_boot=n_boot, seed=seed)
+    raw_table = fidelity_table(proxy, real, labels, **common)
+    loo = loo_fidelity(weights, proxy, real, domains, n_boot=n_boot, seed=seed)
+    loo_proxy = {t: np.asarray(loo[t].pop("loo_proxy")) for t in targets}
+    calibrated_table = fidelity_table(loo_proxy, real, labels, **common)
+    calibration = fit_calibration(weights, proxy, real, domains)
+    drift = pool_drift(pool)
+
+    macro = (raw_table["macro"] or {}).get("spearman", {}).get("value")
+    mean_rho = raw_table["targets"][MEAN_TARGET]["spearman"]["value"]
+    holds = fidelity_holds(macro, mean_rho)
+    installed = tokens == spec.component_tokens
+    warnings = _warnings(raw_table, calibrated_table, drift, holds, tokens, spec.component_tokens)
+
+    trained = [records[p.id] for p in plans if records[p.id][1] != "reused"]
+    recorded_train_s = [records[p.id][0]["wall_time_s"] for p in plans]
+    result: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "pool": str(pool.path),
+        "pool_name": pool.name,
+        "domains": domains,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {
+            "n_mixtures": len(plans),
+            "n_references": n_references if mixtures is None else None,
+            "mixtures_file": str(mixtures) if isinstance(mixtures, (str, Path)) else None,
+            "run_dir": None if run_dir is None else str(run_dir),
+            "seed": seed,
+            "heldout_tokens": heldout_tokens,
+            "device": str(scorer.device),
+            "keep_base": list(keep_base),
+            "n_boot": n_boot,
+            "reference_tokens": tokens,
+            "component_tokens": spec.component_tokens,
+            "references_at_component_budget": installed,
+            "general_share": share,
+        },
+        "targets": targets,
+        "mixtures": [
+            {
+                "label": p.label,
+                "reference": p.id,
+                "status": records[p.id][1],
+                "resumed_from_step": records[p.id][0]["resumed_from_step"]
+                if records[p.id][1] == "resumed"
+                else None,
+                "merge_weights": _by_domain(domains, p.merge_weights),
+                "effective_mixture": _by_domain(domains, p.mixture),
+                "proxy": {**proxy_metrics[i], **{t: float(proxy[t][i]) for t in targets[-2:]}},
+                "real": {**real_metrics[i], **{t: float(real[t][i]) for t in targets[-2:]}},
+                "calibrated_loo": {calibrated_key(t): float(loo_proxy[t][i]) for t in targets},
+                "reference_train_s": records[p.id][0]["wall_time_s"],
+                "proxy_score_s": proxy_s[i],
+                "reference_score_s": real_s[i],
+            }
+            for i, p in enumerate(plans)
+        ],
+        "fidelity": {"raw": raw_table, "calibrated": calibrated_table},
+        "loo": loo,
+        "verdict": {
+            "holds": holds,
+            "threshold": FIDELITY_HOLDS,
+            "macro_spearman": macro,
+            "mean_loss_spearman": mean_rho,
+            "mean_loss_spearman_calibrated": calibrated_table["targets"][MEAN_TARGET]["spearman"][
+                "value"
+            ],
+        },
+        "calibration": {
+            "installed": str(pool.path / CALIBRATION) if installed else None,
+            "file": str(out / CALIBRATION),
+            "fit": calibration.to_dict(),
+        },
+        "drift": drift,
+        "warnings": warnings,
+        "costs": {
+            "references_trained": len(trained),
+            "references_reused": len(plans) - len(trained),
+            "reference_train_s_this_run": float(sum(r["wall_time_s"] for r, _ in trained)),
+            "reference_train_s_per_mixture": float(np.mean(recorded_train_s)),
+            "proxy_score_s_per_mixture": float(np.mean(proxy_s)),
+            "reference_score_s_per_mixture": float(np.mean(real_s)),
+            "proxy_speedup": float(np.mean(recorded_train_s) / max(np.mean(proxy_s), 1e-9)),
+            "total_s": time.perf_counter() - started,
+        },
+        "versions": library_versions(),
+    }
+    calibration_record = {
+        "format": calibrate.FORMAT,
+        "format_version": calibrate.FORMAT_VERSION,
+        "pool": pool.name,
+        "created_at": result["created_at"],
+        "domains": domains,
+        "components_sha256": {d: pool.manifest["components"][d].get("sha256") for d in domains},
+        "base_sha256": pool.manifest["base"].get("sha256"),
+        "keep_base": list(keep_base),
+        "heldout_tokens": heldout_tokens,
+        "reference_tokens": tokens,
+        "component_tokens": spec.component_tokens,
+        "keys": {t: calibrated_key(t) for t in targets},
+        "references": [
+            {"id": p.id, "label": p.label, "merge_weights": _by_domain(domains, p.merge_weights)}
+            for p in plans
+        ],
+        "calibration": calibration.to_dict(),
+        "loo": {
+            t: {side: loo[t][side] for side in ("raw", "calibrated")} | {"forms": loo[t]["forms"]}
+            for t in targets
+        },
+        "drift": drift,
+        "fidelity": result["verdict"],
+        "validation": str(out / "validation.json"),
+        "versions": result["versions"],
+    }
+    write_outputs(result, calibration_record, out, pool.path / CALIBRATION if installed else None)
+    return result
+
+
+def _baselines_by_weights(
+    weights: np.ndarray, domains: Sequence[str], natural: np.ndarray
+) -> dict[str, int]:
+    """Uniform and natural among mixtures given under other labels (e.g. from a file)."""
+    out = {}
+    for name, target in (
+        ("uniform", np.full(len(domains), 1.0 / len(domains))),
+        ("natural", natural),
+    ):
+        hits = np.flatnonzero(np.abs(weights - target).max(axis=1) < 1e-6)
+        if hits.size:
+            out[name] = int(hits[0])
+    return out
+
+
+def _by_domain(domains: Sequence[str], values: np.ndarray) -> dict[str, float]:
+    return {d: float(v) for d, v in zip(domains, values, strict=True)}
+
+
+def _warnings(raw, calibrated, drift, holds, tokens, component_tokens) -> list[str]:
+    """The lines a user must read before trusting the proxies (printed by the CLI)."""
+    out = []
+    if tokens != component_tokens:
+        out.append(
+            f"warning: references were trained on {tokens:,} tokens, not the components'"
+            f" {component_tokens:,}: this measures fidelity against other models; the"
+            " calibration was not installed in the pool"
+        )
+    if not holds:
+        mean = raw["targets"]["mean_loss"]["spearman"]
+        cal = calibrated["targets"]["mean_loss"]["spearman"]["value"]
+        macro = (raw["macro"] or {}).get("spearman", {}).get("value")
+        out.append(
+            f"warning: raw proxy fidelity does not hold at component drift up to"
+            f" {drift['max']:.3g}: Spearman on the mean loss {num(mean['value'])}"
+            f" [{num(mean['low'])}, {num(mean['high'])}], macro over domains {num(macro)}"
+            f" (threshold {FIDELITY_HOLDS}); leave-one-out calibrated: {num(cal)}"
+            + ("; prefer --calibrated" if cal is not None and cal > (mean["value"] or -1) else "")
+        )
+    return out

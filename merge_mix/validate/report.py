@@ -1,0 +1,338 @@
+"""A validation's outputs: validation.json, references.csv, calibration.json, report.md and a
+self-contained report.html.
+
+Files written into the output directory (each atomically):
+  validation.json          everything `validate` returns (format ``merge-mix-validation``)
+  references.csv           one row per mixture: reference, weights, mixture, proxy/real losses
+  calibration.json         the calibration fitted on these references (see calibrate.py)
+  report.md, report.html   the same sections; the HTML embeds its plots as base64 PNG
+  scatter_*.png            proxy vs real per target, raw and leave-one-out calibrated
+  gap_vs_entropy.png       proxy-minus-real mean loss against the entropy of the merge weights
+
+The report says in words where fidelity is weak. Plots use matplotlib's Agg canvas.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from merge_mix.artifacts import write_json_atomic
+from merge_mix.fidelity import MEAN_TARGET, mixture_entropy
+from merge_mix.validate.calibrate import FIDELITY_HOLDS, calibrated_key
+from merge_mix.validate.summary import (
+    FIDELITY_HEADER,
+    fidelity_rows,
+    num,
+    target_name,
+    weak_points,
+)
+
+
+def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, Any]]:
+    s, v, targets = result["settings"], result["verdict"], result["targets"]
+    n = len(result["mixtures"])
+    budget = (
+        "the components' budget"
+        if s["references_at_component_budget"]
+        else f"**not** the components' budget of {s['component_tokens']:,}"
+    )
+    heldout = "all" if s["heldout_tokens"] is None else f"{s['heldout_tokens']:,}"
+    blocks: list[tuple[str, Any]] = [
+        (
+            "p",
+            f"{n} reference models, each trained from the pool's base on the data mixture its"
+            f" merge weights stand for ({s['reference_tokens']:,} tokens each, {budget}), and"
+            f" the merged proxies of the same weights, scored by the same evaluator on the same"
+            f" held-out windows ({heldout} tokens per domain).",
+        )
+    ]
+    if v["holds"]:
+        blocks.append(
+            (
+                "p",
+                f"**Raw proxies rank faithfully**: macro Spearman {num(v['macro_spearman'])}, "
+                f"Spearman on the mean loss {num(v['mean_loss_spearman'])} (threshold "
+                f"{FIDELITY_HOLDS}).",
+            )
+        )
+    else:
+        blocks.append(
+            (
+                "p",
+                f"**Raw proxy fidelity is weak**: macro Spearman {num(v['macro_spearman'])}, "
+                f"Spearman on the mean loss {num(v['mean_loss_spearman'])} (threshold "
+                f"{FIDELITY_HOLDS}); leave-one-out calibrated: "
+                f"{num(v['mean_loss_spearman_calibrated'])}.",
+            )
+        )
+    weak = weak_points(result)
+    blocks.append(("h2", "Where fidelity is weak"))
+    blocks += [("p", line) for line in weak] or [("p", "Nowhere, at this number of references.")]
+    blocks += [("p", f"**{w}**") for w in result["warnings"]]
+
+    blocks.append(("h2", "Fidelity of raw proxies"))
+    blocks.append(("table", (FIDELITY_HEADER, fidelity_rows(result["fidelity"]["raw"], targets))))
+    blocks.append(("h2", "Fidelity of calibrated proxies (leave-one-out)"))
+    blocks.append(
+        (
+            "p",
+            "Each reference's calibrated proxy comes from a calibration fitted on all the other "
+            "references, so these numbers are out of sample.",
+        )
+    )
+    cal_rows = fidelity_rows(result["fidelity"]["calibrated"], targets)
+    blocks.append(("table", (FIDELITY_HEADER, cal_rows)))
+    rmse = [
+        [
+            target_name(t),
+            f"{result['loo'][t]['raw']['rmse']:.4f}",
+            f"{result['loo'][t]['calibrated']['rmse']:.4f}",
+            result["calibration"]["fit"]["targets"][t]["form"],
+        ]
+        for t in targets
+    ]
+    blocks.append(
+        ("table", (["target", "RMSE raw", "RMSE calibrated (LOO)", "gap form (all refs)"], rmse))
+    )
+
+    blocks.append(("h2", "Proxy against real, per target"))
+    blocks += [("img", name) for name in images if name.startswith("scatter_")]
+    blocks.append(("h2", "Gap against mixture entropy"))
+    blocks.append(("img", "gap_vs_entropy.png"))
+
+    blocks.append(("h2", "Mixtures"))
+    domains = result["domains"]
+    rows = []
+    for m in result["mixtures"]:
+        p, r = m["proxy"][MEAN_TARGET], m["real"][MEAN_TARGET]
+        rows.append(
+            [m["label"], m["reference"], m["status"]]
+            + [f"{m['merge_weights'][d]:.3f}" for d in domains]
+            + [
+                f"{p:.4f}",
+                f"{r:.4f}",
+                f"{p - r:+.4f}",
+                f"{m['calibrated_loo'][calibrated_key(MEAN_TARGET)]:.4f}",
+            ]
+        )
+    blocks.append(
+        (
+            "table",
+            (
+                ["mixture", "reference", "status"]
+                + [f"w {d}" for d in domains]
+                + ["proxy mean", "real mean", "gap", "calibrated (LOO)"],
+                rows,
+            ),
+        )
+    )
+
+    drift = result["drift"]
+    blocks.append(("h2", "Component drift from the base"))
+    blocks.append(
+        (
+            "p",
+            "Relative weight distance ||component - base|| / ||base||; the regime this "
+            f"validation measured extends to {drift['max']:.4f}.",
+        )
+    )
+    blocks.append(
+        (
+            "table",
+            (["component", "drift"], [[d, f"{x:.4f}"] for d, x in drift["components"].items()]),
+        )
+    )
+    c = result["costs"]
+    blocks.append(("h2", "Cost"))
+    blocks.append(
+        (
+            "p",
+            f"{c['references_trained']} references trained in this run, {c['references_reused']} "
+            f"reused. Per mixture: training a reference {c['reference_train_s_per_mixture']:.2f} s,"
+            f" scoring a proxy {c['proxy_score_s_per_mixture']:.3f} s"
+            f" ({c['proxy_speedup']:.0f}x cheaper). This validation took {c['total_s']:.1f} s.",
+        )
+    )
+    return blocks
+
+
+def _markdown(title: str, blocks: list[tuple[str, Any]]) -> str:
+    out = [f"# {title}", ""]
+    for kind, content in blocks:
+        if kind == "h2":
+            out += [f"## {content}", ""]
+        elif kind == "p":
+            out += [content, ""]
+        elif kind == "img":
+            out += [f"![{content}]({content})", ""]
+        else:
+            header, rows = content
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|" + "---|" * len(header))
+            out += ["| " + " | ".join(row) + " |" for row in rows]
+            out.append("")
+    return "\n".join(out)
+
+
+def _html(title: str, blocks: list[tuple[str, Any]], images: Mapping[str, bytes]) -> str:
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        for mark, tag in (("**", "strong"), ("`", "code")):
+            parts = text.split(mark)
+            text = "".join(p if i % 2 == 0 else f"<{tag}>{p}</{tag}>" for i, p in enumerate(parts))
+        return text
+
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for kind, content in blocks:
+        if kind == "h2":
+            body.append(f"<h2>{html.escape(content)}</h2>")
+        elif kind == "p":
+            body.append(f"<p>{inline(content)}</p>")
+        elif kind == "img":
+            data = base64.b64encode(images[content]).decode()
+            body.append(f'<img alt="{content}" src="data:image/png;base64,{data}">')
+        else:
+            header, rows = content
+            lines = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+            for row in rows:
+                lines.append("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>")
+            body.append("<table>" + "".join(lines) + "</table>")
+    style = (
+        "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+        "padding:.2em .6em;text-align:right}img{max-width:48%;margin:.3em}"
+    )
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
+    os.replace(tmp, path)
+
+
+def _png(fig: Any, path: Path) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_scatter(result: Mapping[str, Any], target: str, path: Path) -> bytes:
+    """Proxy (raw and leave-one-out calibrated) against real for one target, identity line."""
+    ms = result["mixtures"]
+    real = np.array([m["real"][target] for m in ms])
+    raw = np.array([m["proxy"][target] for m in ms])
+    cal = np.array([m["calibrated_loo"][calibrated_key(target)] for m in ms])
+    fig = _figure(4.6, 4.2)
+    ax = fig.add_subplot()
+    lo = float(min(real.min(), raw.min(), cal.min()))
+    hi = float(max(real.max(), raw.max(), cal.max()))
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=1, label="identity")
+    rho_raw = result["fidelity"]["raw"]["targets"][target]["spearman"]["value"]
+    rho_cal = result["fidelity"]["calibrated"]["targets"][target]["spearman"]["value"]
+    ax.scatter(real, raw, s=22, label=f"raw (Spearman {num(rho_raw)})")
+    ax.scatter(real, cal, s=22, marker="x", label=f"calibrated, LOO ({num(rho_cal)})")
+    if len(ms) <= 20:
+        for m, x, y in zip(ms, real, raw, strict=True):
+            ax.annotate(m["label"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("real held-out loss (reference model)")
+    ax.set_ylabel("proxy held-out loss (merged)")
+    ax.set_title(target_name(target))
+    ax.legend(fontsize=7)
+    return _png(fig, path)
+
+
+def plot_gap_entropy(result: Mapping[str, Any], path: Path) -> bytes:
+    """Proxy-minus-real mean loss against the entropy of the merge weights: the pattern that
+    breaks aggregate rankings when spread-out mixtures are penalised."""
+    ms, domains = result["mixtures"], result["domains"]
+    w = np.array([[m["merge_weights"][d] for d in domains] for m in ms])
+    h = mixture_entropy(w)
+    real = np.array([m["real"][MEAN_TARGET] for m in ms])
+    raw = np.array([m["proxy"][MEAN_TARGET] for m in ms]) - real
+    cal = np.array([m["calibrated_loo"][calibrated_key(MEAN_TARGET)] for m in ms]) - real
+    fig = _figure(5.5, 3.8)
+    ax = fig.add_subplot()
+    ax.axhline(0, color="grey", lw=1)
+    ax.scatter(h, raw, s=22, label="raw proxy - real")
+    ax.scatter(h, cal, s=22, marker="x", label="calibrated (LOO) - real")
+    ax.set_xlabel("entropy of the merge weights (nats)")
+    ax.set_ylabel("gap in mean held-out loss")
+    ax.legend(fontsize=8)
+    return _png(fig, path)
+
+
+def _csv(result: Mapping[str, Any]) -> str:
+    domains, targets = result["domains"], result["targets"]
+    header = ["label", "reference", "status"]
+    header += [f"merge_weights/{d}" for d in domains] + [f"effective_mixture/{d}" for d in domains]
+    header += [f"proxy/{t}" for t in targets] + [f"real/{t}" for t in targets]
+    header += [f"calibrated_loo/{t}" for t in targets]
+    header += ["reference_train_s", "proxy_score_s"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for m in result["mixtures"]:
+        writer.writerow(
+            [m["label"], m["reference"], m["status"]]
+            + [m["merge_weights"][d] for d in domains]
+            + [m["effective_mixture"][d] for d in domains]
+            + [m["proxy"][t] for t in targets]
+            + [m["real"][t] for t in targets]
+            + [m["calibrated_loo"][calibrated_key(t)] for t in targets]
+            + [m["reference_train_s"], m["proxy_score_s"]]
+        )
+    return buf.getvalue()
+
+
+def write_outputs(
+    result: dict[str, Any],
+    calibration_record: dict[str, Any],
+    out_dir: Path,
+    install_to: Path | None,
+) -> None:
+    """Write every file listed in the module docstring into `out_dir`; `install_to` (the
+    pool's calibration.json) also gets the calibration. validation.json is written last."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images: dict[str, bytes] = {}
+    for t in result["targets"]:
+        name = f"scatter_{'domain_' + target_name(t) if t.startswith('heldout/') else t}.png"
+        images[name] = plot_scatter(result, t, out_dir / name)
+    images["gap_vs_entropy.png"] = plot_gap_entropy(result, out_dir / "gap_vs_entropy.png")
+    result["files"] = {
+        "validation": str(out_dir / "validation.json"),
+        "references_csv": str(out_dir / "references.csv"),
+        "calibration": str(out_dir / "calibration.json"),
+        "report_md": str(out_dir / "report.md"),
+        "report_html": str(out_dir / "report.html"),
+        "plots": [str(out_dir / name) for name in images],
+    }
+    _write_atomic(out_dir / "references.csv", _csv(result))
+    write_json_atomic(out_dir / "calibration.json", calibration_record)
+    if install_to is not None:
+        write_json_atomic(install_to, calibration_record)
+    title = f"Proxy fidelity: pool {result['pool_name']}"
+    blocks = _sections(result, list(images))
+    _write_atomic(out_dir / "report.md", _markdown(title, blocks))
+    _write_atomic(out_dir / "report.html", _html(title, blocks, images))
+    write_json_atomic(out_dir / "validation.json", result)

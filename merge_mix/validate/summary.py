@@ -1,0 +1,185 @@
+"""What a validation found, in words and in a compact table: the fidelity rows shared by the
+report and the terminal, the plain sentences on where fidelity is weak, and `format_summary`
+(what `merge-mix validate` prints)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from merge_mix.fidelity import MEAN_TARGET, WORST_TARGET
+from merge_mix.validate.calibrate import FIDELITY_HOLDS
+
+WEAK_CI = 0.5
+"""A Spearman interval reaching below this is called too uncertain to rely on."""
+REGRET_TOLERANCE = 0.01
+"""Relative regret above which the proxy's pick is called a miss (the issue's 1% goal)."""
+
+
+def target_name(target: str) -> str:
+    """How a target reads in tables: the domain, "mean loss" or "worst domain"."""
+    if target == MEAN_TARGET:
+        return "mean loss"
+    if target == WORST_TARGET:
+        return "worst domain"
+    return target.split("/")[1]
+
+
+def num(v: float | None, fmt: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def ci(c: Mapping[str, Any]) -> str:
+    if c.get("value") is None:
+        return "n/a"
+    return f"{c['value']:.2f} [{num(c['low'])}, {num(c['high'])}]"
+
+
+def _gain(entry: Mapping[str, Any], name: str) -> str:
+    g = entry["baselines"].get(name)
+    return "n/a" if g is None or g["gain"] is None else f"{g['gain']:+.4f}"
+
+
+def weak_points(result: Mapping[str, Any]) -> list[str]:
+    """Plain sentences on where raw fidelity is weak, and what calibration does about it."""
+    raw = result["fidelity"]["raw"]
+    out = []
+    for t in result["targets"]:
+        e, name = raw["targets"][t], target_name(t)
+        rho = e["spearman"]
+        if rho["value"] is None:
+            out.append(f"{name}: Spearman is undefined ({rho['reason']}).")
+        elif rho["value"] < FIDELITY_HOLDS:
+            out.append(f"{name}: proxies rank weakly, Spearman {ci(rho)}.")
+        elif rho["low"] is not None and rho["low"] < WEAK_CI:
+            out.append(
+                f"{name}: Spearman {rho['value']:.2f}, but its 95% interval reaches down to"
+                f" {rho['low']:.2f} with {rho['n']} references: too few to rely on."
+            )
+        top = e["top_spearman"]
+        if top["value"] is not None and top["value"] < WEAK_CI:
+            out.append(
+                f"{name}: among the best quarter of references the proxies barely tell"
+                f" mixtures apart (Spearman {top['value']:.2f})."
+            )
+        rel = e["regret"]["relative"]
+        if rel is not None and rel > REGRET_TOLERANCE:
+            out.append(
+                f"{name}: the proxy's pick ({e['regret']['pick']}) is {rel:.1%} worse than the"
+                f" best reference ({e['regret']['best']})."
+            )
+    verdict = result["verdict"]
+    raw_mean, cal_mean = verdict["mean_loss_spearman"], verdict["mean_loss_spearman_calibrated"]
+    if raw_mean is not None and cal_mean is not None:
+        if cal_mean > raw_mean + 0.05:
+            out.append(
+                f"Calibration helps: leave-one-out Spearman on the mean loss rises from"
+                f" {raw_mean:.2f} to {cal_mean:.2f}."
+            )
+        elif cal_mean < raw_mean - 0.05:
+            out.append(
+                f"Calibration hurts here: leave-one-out Spearman on the mean loss falls from"
+                f" {raw_mean:.2f} to {cal_mean:.2f}; do not use --calibrated with this pool."
+            )
+    return out
+
+
+def fidelity_rows(table: Mapping[str, Any], targets: list[str]) -> list[list[str]]:
+    rows = []
+    for t in targets:
+        e = table["targets"][t]
+        r = e["regret"]
+        rows.append(
+            [
+                target_name(t),
+                ci(e["spearman"]),
+                ci(e["kendall"]),
+                ci(e["pearson"]),
+                num(e["top_spearman"]["value"]),
+                num(r["absolute"], ".4f"),
+                num(None if r["relative"] is None else 100 * r["relative"], ".2f") + "%",
+                r["pick"],
+                _gain(e, "uniform"),
+                _gain(e, "natural"),
+            ]
+        )
+    macro = table.get("macro")
+    if macro:
+        rows.append(
+            [
+                "macro (domains)",
+                ci(macro["spearman"]),
+                num(macro["kendall"]),
+                num(macro["pearson"]),
+                num(macro["top_spearman"]),
+                "",
+                num(None if macro["regret_relative"] is None else 100 * macro["regret_relative"])
+                + "%",
+                "",
+                "",
+                "",
+            ]
+        )
+    return rows
+
+
+FIDELITY_HEADER = [
+    "target",
+    "Spearman [95% CI]",
+    "Kendall",
+    "Pearson",
+    "top-25% Spearman",
+    "regret",
+    "regret rel",
+    "proxy's pick",
+    "gain vs uniform",
+    "gain vs natural",
+]
+
+
+def format_summary(result: Mapping[str, Any]) -> str:
+    """A compact text summary for the terminal: settings, fidelity tables raw and calibrated,
+    drift, warnings and where the report is."""
+    s, c = result["settings"], result["costs"]
+    lines = [
+        f"validation of pool {result['pool_name']}: {len(result['mixtures'])} mixtures,"
+        f" references at {s['reference_tokens']:,} tokens"
+        + (
+            ""
+            if s["references_at_component_budget"]
+            else f" (components: {s['component_tokens']:,})"
+        )
+        + f"; held-out {'all' if s['heldout_tokens'] is None else format(s['heldout_tokens'], ',')}"
+        " tokens per domain",
+        f"references: {c['references_trained']} trained, {c['references_reused']} reused;"
+        f" per mixture {c['reference_train_s_per_mixture']:.2f} s to train vs"
+        f" {c['proxy_score_s_per_mixture']:.3f} s to score a proxy",
+        "component drift from base: "
+        + ", ".join(f"{d} {x:.4f}" for d, x in result["drift"]["components"].items()),
+        "",
+    ]
+    header = (
+        f"{'target':<16}{'Spearman [95% CI]':<22}{'Kendall':>8}{'Pearson':>8}{'top25%':>8}"
+        f"{'regret':>9}{'rel':>8}{'vs uniform':>12}"
+    )
+    for side, title in (
+        ("raw", "raw proxies"),
+        ("calibrated", "calibrated proxies (leave-one-out)"),
+    ):
+        table = result["fidelity"][side]
+        lines += [title, header]
+        for row in fidelity_rows(table, result["targets"]):
+            name, rho, kendall, pearson, top, regret, rel, _, vs_uniform, _ = row
+            lines.append(
+                f"{name[:15]:<16}{rho:<22}{kendall.split(' ')[0]:>8}{pearson.split(' ')[0]:>8}"
+                f"{top:>8}{regret:>9}{rel:>8}{vs_uniform:>12}"
+            )
+        lines.append("")
+    lines += weak_points(result)
+    lines += result["warnings"]
+    files = result.get("files", {})
+    if files:
+        lines.append(f"report: {files['report_html']}")
+        if result["calibration"]["installed"]:
+            lines.append(f"calibration: {result['calibration']['installed']}")
+    return "\n".join(lines)

@@ -1,0 +1,351 @@
+"""Validation end to end on the tiny pool: references trained, killed and resumed, reused by a
+later validation; outputs; the calibration round trip; drift; bad input as one-line errors.
+
+The fidelity metrics themselves are tested in test_fidelity.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from merge_mix.errors import MergeMixError
+from merge_mix.fidelity import Calibration
+from merge_mix.validate import drift_warning, format_summary, load_calibration, validate
+from merge_mix.validate.calibrate import component_drift
+
+# The tiny pool's components see 40k tokens; references here see a quarter of that (20 steps
+# of 512 tokens, checkpoints every 10), recorded as a different budget.
+REF_TOKENS = 10_000
+# The budget the pool recorded its components' held-out losses with (training.eval_tokens).
+HELDOUT = 4096
+COMMON = dict(
+    n_references=6,
+    reference_tokens=REF_TOKENS,
+    heldout_tokens=HELDOUT,
+    n_boot=200,
+    device="cpu",
+    show_progress=False,
+)
+LABELS = ["uniform", "natural", "pure:code", "pure:c", "pure:prose", "dirichlet:6"]
+
+
+def _weights_mtimes(pool):
+    return {
+        p.name: (p / "model.safetensors").stat().st_mtime_ns
+        for p in (pool / "references").iterdir()
+        if (p / "reference.json").is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory, tiny_pool):
+    """A copy of the tiny pool validated once with a kill in the middle of the second
+    reference (after its step-10 checkpoint), then again to completion."""
+    pool = tmp_path_factory.mktemp("validate") / "pool"
+    shutil.copytree(tiny_pool, pool)
+
+    def kill(label, step):
+        if label == "natural" and step == 15:
+            raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        validate(pool, step_callback=kill, **COMMON)
+    before = _weights_mtimes(pool)
+    result = validate(pool, **COMMON)
+    return pool, before, result
+
+
+def test_killed_validation_resumes_without_retraining(validated):
+    pool, before, result = validated
+    by_label = {m["label"]: m for m in result["mixtures"]}
+    assert list(by_label) == LABELS
+    assert list(before) == [by_label["uniform"]["reference"]]
+    assert by_label["uniform"]["status"] == "reused"
+    assert by_label["natural"]["status"] == "resumed"
+    assert by_label["natural"]["resumed_from_step"] == 10
+    assert {m["status"] for m in result["mixtures"][2:]} == {"trained"}
+    assert result["costs"]["references_trained"] == 5
+    after = _weights_mtimes(pool)
+    assert {k: after[k] for k in before} == before  # the finished reference was not rewritten
+    assert len(after) == 6
+    assert not list((pool / "work").glob("ref-*/"))  # checkpoints cleaned up once committed
+    record = json.loads((pool / "references" / after.popitem()[0] / "reference.json").read_text())
+    assert record["tokens"] == REF_TOKENS and record["component_tokens"] == 40_000
+
+
+def test_outputs_have_finite_numbers_and_bounded_correlations(validated):
+    pool, _, result = validated
+    out = pool / "validation"
+    for name in ("validation.json", "references.csv", "calibration.json", "report.md"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "validation.json").read_text())["targets"] == result["targets"]
+    for m in result["mixtures"]:
+        values = [*m["proxy"].values(), *m["real"].values(), *m["calibrated_loo"].values()]
+        assert all(math.isfinite(v) for v in values), m["label"]
+    for side in ("raw", "calibrated"):
+        table = result["fidelity"][side]
+        assert table["baselines"] == {"uniform": "uniform", "natural": "natural"}
+        for t in result["targets"]:
+            for key in ("spearman", "kendall", "pearson"):
+                c = table["targets"][t][key]
+                assert -1 <= c["value"] <= 1, (side, t, key)
+                assert c["low"] <= c["value"] + 1e-12 and c["value"] <= c["high"] + 1e-12
+        assert -1 <= table["macro"]["spearman"]["value"] <= 1
+    with (out / "references.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["label"] for r in rows] == LABELS
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(result["targets"]) + 1
+    markdown = (out / "report.md").read_text()
+    assert "## Where fidelity is weak" in markdown and "Spearman [95% CI]" in markdown
+    # A reduced reference budget is said out loud, and never installed as the pool's calibration.
+    assert any("not the components' 40,000" in w for w in result["warnings"])
+    assert result["calibration"]["installed"] is None
+    assert not (pool / "calibration.json").exists()
+    summary = format_summary(result)
+    assert "raw proxies" in summary and "calibrated proxies (leave-one-out)" in summary
+    assert "mean loss" in summary and "report.html" in summary
+
+
+def test_proxies_and_references_are_scored_by_the_same_evaluator(validated):
+    pool, _, result = validated
+    manifest = json.loads((pool / "manifest.json").read_text())
+    pure = next(m for m in result["mixtures"] if m["label"] == "pure:code")
+    # A one-hot merge is the component, scored on the windows the pool recorded it with.
+    for d, losses in manifest["components"]["code"]["heldout"].items():
+        assert pure["proxy"][f"heldout/{d}/loss"] == pytest.approx(losses["loss"], abs=2e-6)
+    # The pure reference trains on the component's own data mixture.
+    expected = manifest["components"]["code"]["training_mixture"]
+    assert pure["effective_mixture"] == pytest.approx(expected, abs=1e-6)
+    for m in result["mixtures"]:
+        record = json.loads((pool / "references" / m["reference"] / "reference.json").read_text())
+        assert record["heldout_tokens"] == HELDOUT
+        for key, value in record["heldout"].items():
+            assert m["real"][key] == pytest.approx(value, abs=2e-6), (m["label"], key)
+    drift = result["drift"]["components"]
+    assert set(drift) == {"code", "c", "prose"} and all(0 < x < 1 for x in drift.values())
+    assert result["drift"]["max"] == max(drift.values())
+
+
+def test_later_validation_reuses_references_from_a_mixtures_file(validated, tmp_path):
+    pool, _, first = validated
+    by_label = {m["label"]: m for m in first["mixtures"]}
+    entries = [
+        {"label": label, "weights": by_label[label]["merge_weights"]}
+        for label in ("uniform", "pure:code", "pure:c", "dirichlet:6")
+    ]
+    # The natural mixture given as its effective data mixture instead of merge weights.
+    entries.append({"label": "nat", "mixture": by_label["natural"]["effective_mixture"]})
+    path = tmp_path / "mixtures.yaml"
+    path.write_text(yaml.safe_dump({"mixtures": entries}))
+    before = _weights_mtimes(pool)
+    result = validate(pool, mixtures=path, out_dir=tmp_path / "out", **COMMON)
+    assert [m["status"] for m in result["mixtures"]] == ["reused"] * 5
+    assert result["costs"]["references_trained"] == 0
+    assert _weights_mtimes(pool) == before
+    assert result["mixtures"][4]["reference"] == by_label["natural"]["reference"]
+    assert result["fidelity"]["raw"]["baselines"] == {"uniform": "uniform", "natural": "nat"}
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_calibration_round_trips_and_feeds_the_proxy_scorer(validated):
+    from merge_mix.proxy import ProxyScorer
+
+    pool, _, result = validated
+    path = pool / "validation" / "calibration.json"
+    record = json.loads(path.read_text())
+    assert Calibration.from_dict(record["calibration"]).to_dict() == record["calibration"]
+    calibration = load_calibration(pool, path=path, keep_base=())
+    assert calibration.heldout_tokens == HELDOUT
+    fit = Calibration.from_dict(result["calibration"]["fit"])
+    scorer = ProxyScorer(pool, device="cpu", heldout_tokens=HELDOUT, calibration=calibration)
+    w = np.full(3, 1 / 3)
+    metrics = scorer.score(w)
+    calibrated = {k: v for k, v in metrics.items() if k.startswith("calibrated/")}
+    assert set(calibrated) == {
+        "calibrated/code/loss",
+        "calibrated/c/loss",
+        "calibrated/prose/loss",
+        "calibrated/mean/loss",
+        "calibrated/worst/loss",
+    }
+    assert all(math.isfinite(v) for v in calibrated.values())
+    mean = np.mean([metrics[f"heldout/{d}/loss"] for d in ("code", "c", "prose")])
+    gap = fit.predict_gap(w[None, :], "mean_loss")[0]
+    assert calibrated["calibrated/mean/loss"] == pytest.approx(mean - gap, abs=1e-12)
+    with pytest.raises(MergeMixError, match="not on the simplex"):
+        calibration.apply(np.array([0.7, 0.7, -0.4]), metrics)
+    with pytest.raises(MergeMixError, match="no calibration; run `merge-mix validate"):
+        load_calibration(pool)  # a reduced-budget calibration is not installed in the pool
+    with pytest.raises(MergeMixError, match="keep_base"):
+        load_calibration(pool, path=path, keep_base=("*embed_tokens*",))
+    stale = dict(record, components_sha256={**record["components_sha256"], "c": "0" * 64})
+    (pool / "stale.json").write_text(json.dumps(stale))
+    with pytest.raises(MergeMixError, match="component 'c' changed"):
+        load_calibration(pool, path=pool / "stale.json")
+
+
+def test_drift_warning_against_validated_regimes(validated, tmp_path, tiny_pool):
+    pool, _, result = validated
+    base = tiny_pool / "base"
+    assert component_drift(base, base) == 0.0
+    drift = result["drift"]["max"]
+    assert drift_warning(pool) is None  # no installed calibration, nothing to compare with
+    regimes = {}
+    for name, at, holds in (("near", drift / 2, True), ("far", drift * 2, True), ("bad", 1, False)):
+        regimes[name] = tmp_path / f"{name}.json"
+        regimes[name].write_text(json.dumps({"drift": {"max": at}, "fidelity": {"holds": holds}}))
+    assert "beyond" in drift_warning(pool, validated=[regimes["near"]])
+    assert drift_warning(pool, validated=[regimes["near"], regimes["far"]]) is None
+    assert "none of the given validations" in drift_warning(pool, validated=[regimes["bad"]])
+
+
+def _write(path, content):
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
+
+
+EVEN = {"code": 1 / 3, "c": 1 / 3, "prose": 1 / 3}
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ([{"weights": {"code": 0.5, "web": 0.5}}] * 4, "mixtures[0].weights.web: not a domain"),
+        ("- weights: {code: 0.5\n- [", "not valid JSON or YAML"),
+        (None, "cannot read mixtures file"),
+        ([{"weights": {"code": 1.0}}, {"weights": {"c": 1.0}}, {"weights": EVEN}], "at least 4"),
+        ([{"weights": {"code": 0.5, "c": 0.2}}] * 4, "sum to 0.7, not 1"),
+        ([{"weights": {"code": 1.5, "c": -0.5}}] * 4, "c is negative"),
+        ([{"mixture": {"code": 1.0}}] * 4, "mixtures[0].mixture: c=0 is below"),
+        ([{"weights": EVEN, "mixture": EVEN}] * 4, "exactly one of 'weights' and 'mixture'"),
+        ({"mixes": []}, "expected a list"),
+    ],
+)
+def test_bad_mixtures_file_is_a_one_line_error(validated, tmp_path, content, expected):
+    pool = validated[0]
+    path = tmp_path / "mixtures.yaml"
+    if content is not None:
+        _write(path, content)
+    with pytest.raises(MergeMixError) as err:
+        validate(pool, mixtures=path, **COMMON)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_arguments_are_one_line_errors(validated, tmp_path):
+    pool = validated[0]
+    with pytest.raises(MergeMixError, match="too few"):
+        validate(pool, **{**COMMON, "n_references": 3})
+    with pytest.raises(MergeMixError, match="not on the simplex|simplex"):
+        validate(pool, mixtures=[(str(i), np.array([0.5, 0.2, 0.2])) for i in range(4)], **COMMON)
+    (tmp_path / "p").mkdir()
+    with pytest.raises(MergeMixError, match="incomplete"):
+        validate(tmp_path / "p", **COMMON)
+    with pytest.raises(MergeMixError, match="search run directory not found"):
+        validate(pool, run_dir=tmp_path / "nowhere", **COMMON)
+
+
+def test_search_picks_come_first_then_the_default_set(tmp_path):
+    from merge_mix.validate.mixtures import default_mixtures, search_picks
+
+    domains = ["code", "c", "prose"]
+    best = {"domains": domains, "merge_weights": {"code": 0.6, "c": 0.3, "prose": 0.1}}
+    (tmp_path / "best.json").write_text(json.dumps(best))
+    rows = [
+        {"number": 0, "kind": "baseline:uniform", "objective": 1.0, "merge_weights": EVEN},
+        {"number": 1, "kind": "sampler:tpe", "objective": 3.0, "merge_weights": EVEN},
+        {
+            "number": 2,
+            "kind": "sampler:tpe",
+            "objective": 2.0,
+            "merge_weights": best["merge_weights"],
+        },
+        {
+            "number": 3,
+            "kind": "sampler:tpe",
+            "objective": 2.5,
+            "feasible": False,
+            "merge_weights": EVEN,
+        },
+        {
+            "number": 4,
+            "kind": "halving:rung0",
+            "objective": 0.1,
+            "full_budget": False,
+            "merge_weights": EVEN,
+        },
+        {
+            "number": 5,
+            "kind": "sampler:tpe",
+            "objective": 2.2,
+            "merge_weights": {"code": 0.2, "c": 0.2, "prose": 0.6},
+        },
+    ]
+    (tmp_path / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    picks = search_picks(tmp_path, domains, top=3)
+    assert [label for label, _ in picks] == ["search:best", "search:#5", "search:#1"]
+    assert picks[0][1] == pytest.approx([0.6, 0.3, 0.1])
+    mixtures = default_mixtures(domains, np.array([0.2, 0.3, 0.5]), 9, seed=1, picks=picks)
+    labels = [label for label, _ in mixtures]
+    # search:#1 is the uniform mixture, so the uniform baseline is not repeated.
+    assert labels[:7] == [
+        "search:best",
+        "search:#5",
+        "search:#1",
+        "natural",
+        "pure:code",
+        "pure:c",
+        "pure:prose",
+    ]
+    assert len(labels) == 9 and labels[7].startswith("dirichlet:")
+    keys = {tuple(np.round(w, 6)) for _, w in mixtures}
+    assert len(keys) == 9 and all(abs(w.sum() - 1) < 1e-9 for _, w in mixtures)
+    again = default_mixtures(domains, np.array([0.2, 0.3, 0.5]), 9, seed=1, picks=picks)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(mixtures, again, strict=True))
+
+
+def test_a_reference_locked_by_another_process_is_left_to_it(validated):
+    from merge_mix.artifacts import file_lock
+    from merge_mix.pool import Pool
+    from merge_mix.validate.references import (
+        ReferencePlan,
+        ensure_reference,
+        reference_id,
+        training_spec,
+    )
+
+    pool_dir, _, result = validated
+    pool = Pool.open(pool_dir)
+    spec = training_spec(pool)
+    done = result["mixtures"][0]
+    mixture = np.array([0.5, 0.25, 0.25])
+    fresh = ReferencePlan(
+        reference_id(pool, mixture, REF_TOKENS), "x", np.zeros(3), mixture, REF_TOKENS
+    )
+    args = dict(spec=spec, device="cpu", heldout=None, precision="fp32", show_progress=False)
+    with file_lock(pool_dir / "work" / f"ref-{fresh.id}.lock"):
+        assert ensure_reference(pool, fresh, **args) == (None, "busy")
+    with file_lock(pool_dir / "work" / f"ref-{done['reference']}.lock"):
+        plan = ReferencePlan(done["reference"], "uniform", np.full(3, 1 / 3), mixture, REF_TOKENS)
+        record, status = ensure_reference(pool, plan, **args)  # a committed record needs no lock
+    assert status == "reused" and record["id"] == done["reference"]
+
+
+def test_an_installed_calibration_decides_the_drift_warning(validated, tmp_path):
+    pool, _, result = validated
+    shutil.copy(pool / "validation" / "calibration.json", pool / "calibration.json")
+    try:
+        warning = drift_warning(pool)
+        if result["verdict"]["holds"]:
+            assert warning is None
+        else:
+            assert warning.startswith("warning: validation of") and "out of sample" in warning
+        assert load_calibration(pool).path == pool / "calibration.json"
+    finally:
+        (pool / "calibration.json").unlink()
