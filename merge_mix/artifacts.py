@@ -15,25 +15,39 @@ from typing import Any
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same directory, fsync, then rename over `path`:
+    """Write JSON atomically (see `write_atomic`)."""
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`:
     readers see the old file or the new one, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data if isinstance(data, bytes) else data.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
-        # mkstemp creates 0600 files; artifacts are meant to be shared like any other file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        shareable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def shareable(path: Path) -> None:
+    """Give a file (or every file under a directory) the usual umask-derived mode.
+
+    mkstemp and safetensors create 0600 files; pools are meant to be read by every user
+    and process on a shared filesystem, like any other file written there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        os.chmod(f, 0o666 & ~umask)
 
 
 def read_json(path: Path) -> Any:

@@ -133,6 +133,43 @@ def _merge_options(fn):
     return fn
 
 
+def _lmeval_options(fn):
+    """lm-eval task options shared by eval and search."""
+    options = [
+        click.option(
+            "--tasks",
+            default="",
+            metavar="T1,T2",
+            help="lm-eval tasks to score too (see `merge-mix make-tasks`); needed "
+            "when a search objective uses lmeval terms.",
+        ),
+        click.option(
+            "--include-path",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Where lm-eval finds --tasks (default: eval_tasks/).",
+        ),
+        click.option(
+            "--limit",
+            type=int,
+            default=None,
+            help="lm-eval documents per task (a multiple of the choices per item "
+            "keeps multiple-choice groups whole).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _task_options(tasks: str, include_path: Path | None) -> tuple[list[str], Path | None]:
+    """Task names and where lm-eval looks for them (eval_tasks/ when tasks are given)."""
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if names and include_path is None:
+        include_path = Path("eval_tasks")
+    return names, include_path
+
+
 def _scorer(pool, keep_base, stream, device, heldout_tokens, **kw):
     from merge_mix.proxy import ProxyScorer
 
@@ -169,19 +206,7 @@ def _notice(msg: str) -> None:
     help="An effective data mixture instead of merge weights (converted using the "
     "pool's general_share). Repeatable.",
 )
-@click.option(
-    "--tasks",
-    default="",
-    metavar="T1,T2",
-    help="lm-eval tasks to score too (see `merge-mix make-tasks`).",
-)
-@click.option(
-    "--include-path",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where lm-eval finds --tasks (default: eval_tasks/).",
-)
-@click.option("--limit", type=int, default=None, help="lm-eval documents per task.")
+@_lmeval_options
 @click.option(
     "--calibrated",
     is_flag=True,
@@ -228,9 +253,7 @@ def eval_cmd(
         if extrapolate:
             raise MergeMixError("--calibrated: calibration is fitted on the simplex only")
         calibration = load_calibration(pool, keep_base=tuple(keep_base))
-    task_list = [t for t in tasks.split(",") if t.strip()]
-    if task_list and include_path is None:
-        include_path = Path("eval_tasks")
+    task_list, include_path = _task_options(tasks, include_path)
     scorer = _scorer(
         pool,
         keep_base,
@@ -479,19 +502,7 @@ def lm_eval_cmd(args):
     default="mirror",
     show_default=True,
 )
-@click.option(
-    "--tasks",
-    default="",
-    metavar="T1,T2",
-    help="lm-eval tasks to score (needed when the objective uses lmeval terms).",
-)
-@click.option(
-    "--include-path",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where lm-eval finds --tasks (default: eval_tasks/).",
-)
-@click.option("--limit", type=int, default=None, help="lm-eval documents per task.")
+@_lmeval_options
 @click.option(
     "--heldout-tokens",
     type=click.IntRange(min=1),
@@ -574,14 +585,14 @@ def search_cmd(
         from merge_mix.validate import load_calibration
 
         calibration = load_calibration(pool, keep_base=tuple(keep_base))
-    task_list = [t for t in tasks.split(",") if t.strip()]
+    task_list, include_path = _task_options(tasks, include_path)
     options = dict(
         device=device,
         heldout_tokens=heldout_tokens,
         keep_base=tuple(keep_base),
         stream=stream,
         lmeval_tasks=task_list,
-        lmeval_include=include_path or (Path("eval_tasks") if task_list else None),
+        lmeval_include=include_path,
         lmeval_limit=limit,
         calibration=calibration,
     )

@@ -105,7 +105,8 @@ class TrainingSpec:
     component_tokens: int = 1_000_000
     """Tokens each component is trained on, continued from the base."""
     batch_size: int = 16
-    """Sequences per micro-batch (per process under torchrun)."""
+    """Sequences per micro-batch, over all processes: under torchrun each of N ranks takes
+    batch_size / N of them, so the recipe does not depend on the number of GPUs."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 3e-3
@@ -124,7 +125,7 @@ class TrainingSpec:
     eval_tokens: int = 16_384
     """Held-out tokens per domain for the periodic and final held-out losses."""
     checkpoint_every: int = 50
-    """Steps between resumable checkpoints (0: only at the end)."""
+    """Steps between resumable checkpoints (0: none, except on Ctrl-C)."""
     device: str = "auto"
     """`auto` (cuda, then mps, then cpu), or a torch device string."""
     precision: str = "auto"
@@ -363,14 +364,14 @@ def parse_spec(raw: Any, spec_path: Path) -> PoolSpec:
             )
         )
     name = _coerce(raw.get("name", spec_path.stem), str, f"{where}: name")
-    out = Path(os.path.expanduser(str(raw.get("output_dir", name))))
+    out = Path(os.path.expandvars(os.path.expanduser(str(raw.get("output_dir", name)))))
     model = _section(ModelSpec, raw.get("model"), f"{where}: model")
     if model.pretrained is not None:
-        p = Path(os.path.expanduser(model.pretrained))
+        p = Path(os.path.expandvars(os.path.expanduser(model.pretrained)))
         model = dataclasses.replace(model, pretrained=str(p if p.is_absolute() else base_dir / p))
     tok = _section(TokenizerSpec, raw.get("tokenizer"), f"{where}: tokenizer")
     if tok.path is not None:
-        p = Path(os.path.expanduser(tok.path))
+        p = Path(os.path.expandvars(os.path.expanduser(tok.path)))
         tok = dataclasses.replace(tok, path=str(p if p.is_absolute() else base_dir / p))
     elif model.pretrained is not None:
         tok = dataclasses.replace(tok, path=model.pretrained)

@@ -7,18 +7,24 @@ documents are then cut at line boundaries into pieces of at most `data.max_doc_b
 a held-out piece whose exact text also occurs in train is dropped.
 
 The built-in corpora read text that ships with every Python installation that has
-merge-mix installed, found from the running interpreter (`sysconfig`):
+merge-mix installed: the interpreter's own files (found with `sysconfig`) and the files of
+the installed distributions merge-mix depends on (its requirement closure, read from the
+installed metadata; optional extras excluded). Packages that merge-mix does not need are
+never read, so two machines with the same dependency versions build the same corpora.
 
 - ``python-stdlib``: the standard library's ``.py`` source.
-- ``c-headers``: C and C++ headers from the interpreter's include directory and site-packages.
-- ``config-files``: YAML, TOML, JSON, INI and CFG files from site-packages and the stdlib.
+- ``c-headers``: C and C++ headers from the interpreter's include directory and the
+  dependencies (torch ships many).
+- ``config-files``: YAML, TOML, JSON, INI and CFG files from the dependencies and the stdlib.
 - ``prose``: package descriptions (``METADATA``), licence texts, Markdown/reST/text
-  documentation in site-packages, and Python's documentation topics (``pydoc_data``).
+  documentation of the dependencies and the stdlib, and Python's documentation topics
+  (``pydoc_data``).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import sysconfig
@@ -45,33 +51,69 @@ class DomainCorpus:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def _site_dirs() -> list[Path]:
-    paths = sysconfig.get_paths()
-    seen: list[Path] = []
-    for key in ("purelib", "platlib"):
-        p = Path(paths[key]).resolve()
-        if p.is_dir() and p not in seen:
-            seen.append(p)
-    return seen
+@functools.lru_cache(maxsize=1)
+def dependency_files() -> list[Path]:
+    """Every file of the installed distributions in merge-mix's requirement closure
+    (merge-mix itself excluded), sorted. Falls back to everything in site-packages when
+    merge-mix is not installed as a distribution (running from a bare source tree)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        distribution("merge-mix")
+    except PackageNotFoundError:
+        paths = sysconfig.get_paths()
+        roots = {Path(paths[k]).resolve() for k in ("purelib", "platlib")}
+        return sorted(p for r in roots if r.is_dir() for p in r.rglob("*") if p.is_file())
+    seen: set[tuple[str, frozenset[str]]] = set()
+    stack: list[tuple[str, frozenset[str]]] = [("merge-mix", frozenset())]
+    files: set[Path] = set()
+    while stack:
+        name, extras = stack.pop()
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue  # an optional or platform-specific requirement that is not installed
+        for text in dist.requires or []:
+            req = Requirement(text)
+            wanted = extras or {""}
+            if req.marker is not None and not any(
+                req.marker.evaluate({"extra": e}) for e in wanted
+            ):
+                continue
+            stack.append((canonicalize_name(req.name), frozenset(req.extras)))
+        if name != "merge-mix":
+            files.update(Path(str(dist.locate_file(f))).resolve() for f in dist.files or [])
+    return sorted(files)  # callers treat it as read-only (it is cached)
+
+
+def _select(
+    paths: list[Path], suffixes: tuple[str, ...], names: tuple[str, ...] = ()
+) -> list[Path]:
+    """Readable files among `paths` with one of `suffixes` (or a name prefix), sorted."""
+    found: set[Path] = set()
+    for path in paths:
+        if any(part in _SKIP_DIRS for part in path.parts):
+            continue
+        name = path.name
+        if name.endswith(suffixes) or (names and name.startswith(names)):
+            try:
+                if path.is_file() and path.stat().st_size <= _BUILTIN_MAX_FILE_BYTES:
+                    found.add(path)
+            except OSError:
+                continue
+    return sorted(found)
 
 
 def _walk(roots: list[Path], suffixes: tuple[str, ...], names: tuple[str, ...] = ()) -> list[Path]:
-    """Files under `roots` with one of `suffixes` (or an exact name prefix), sorted."""
-    found: set[Path] = set()
-    for root in roots:
-        if not root.is_dir():
-            continue
-        for path in root.rglob("*"):
-            if any(part in _SKIP_DIRS for part in path.parts):
-                continue
-            name = path.name
-            if name.endswith(suffixes) or (names and name.startswith(names)):
-                try:
-                    if path.is_file() and path.stat().st_size <= _BUILTIN_MAX_FILE_BYTES:
-                        found.add(path)
-                except OSError:
-                    continue
-    return sorted(found)
+    """Files under `roots` (the interpreter's own directories) with one of `suffixes`."""
+    found = [p for root in roots if root.is_dir() for p in root.rglob("*")]
+    return _select(found, suffixes, names)
 
 
 def _read_text(path: Path) -> str | None:
@@ -93,42 +135,38 @@ def _metadata_body(text: str) -> str:
     return body if sep else ""
 
 
+def _stdlib_files(stdlib: Path) -> list[Path]:
+    """The standard library's own files: site-packages below it belongs to packages."""
+    return [
+        p
+        for p in stdlib.rglob("*")
+        if p.is_file() and "site-packages" not in p.parts and "dist-packages" not in p.parts
+    ]
+
+
 def _builtin_documents(name: str) -> Iterator[str]:
     paths = sysconfig.get_paths()
     stdlib = Path(paths["stdlib"]).resolve()
-    site = _site_dirs()
     if name == "python-stdlib":
-        for p in _walk([stdlib], (".py",)):
-            if "site-packages" in p.parts or "dist-packages" in p.parts:
-                continue
-            text = _read_text(p)
-            if text is not None:
-                yield text
+        chosen = _select(_stdlib_files(stdlib), (".py",))
     elif name == "c-headers":
-        roots = [Path(paths["include"]).resolve(), *site]
-        for p in _walk(roots, (".h", ".hpp", ".hh", ".cuh")):
-            text = _read_text(p)
-            if text is not None:
-                yield text
+        include = Path(paths["include"]).resolve()
+        chosen = _walk([include], (".h",)) + _select(
+            dependency_files(), (".h", ".hpp", ".hh", ".cuh")
+        )
     elif name == "config-files":
         suffixes = (".yaml", ".yml", ".toml", ".json", ".cfg", ".ini")
-        for p in _walk([*site, stdlib], suffixes):
-            if "site-packages" in p.parts and not any(p.is_relative_to(s) for s in site):
-                continue
-            text = _read_text(p)
-            if text is not None:
-                yield text
+        chosen = _select(dependency_files() + _stdlib_files(stdlib), suffixes)
     elif name == "prose":
-        for p in _walk(site, ("METADATA",)):
+        deps = dependency_files()
+        for p in _select(deps, ("METADATA",)):
             text = _read_text(p)
             if text is not None:
                 yield _metadata_body(text)
         licence_names = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "AUTHORS")
-        for p in _walk([*site, stdlib], (".md", ".rst", ".txt"), licence_names):
-            if p.suffix in (".py", ".pyc", ".so"):
-                continue
-            if "site-packages" in p.parts and not any(p.is_relative_to(s) for s in site):
-                continue
+        chosen = _select(deps + _stdlib_files(stdlib), (".md", ".rst", ".txt"), licence_names)
+        chosen = [p for p in chosen if p.suffix not in (".py", ".pyc", ".so")]
+        for p in chosen:
             text = _read_text(p)
             if text is not None:
                 yield text
@@ -138,8 +176,13 @@ def _builtin_documents(name: str) -> Iterator[str]:
             topics = {}
         for key in sorted(topics):
             yield topics[key]
+        return
     else:  # config.py refuses unknown names; this guards programmatic use.
         raise MergeMixError(f"unknown built-in corpus {name!r}")
+    for p in chosen:
+        text = _read_text(p)
+        if text is not None:
+            yield text
 
 
 def _records_text(records: Iterator[dict], src: SourceSpec, where: str) -> Iterator[str]:

@@ -19,8 +19,10 @@ from merge_mix.errors import MergeMixError
 
 
 def _filter_substring(pattern: str) -> str | None:
-    """mergekit filters match substrings; a glob ``*x*`` (or a plain ``x``) is one."""
-    core = pattern.strip("*")
+    """mergekit filters match substrings; of our globs only ``*x*`` means the same."""
+    core = pattern[1:-1]
+    if len(pattern) < 3 or pattern[0] != "*" or pattern[-1] != "*":
+        return None
     if any(c in core for c in "*?[]"):
         return None
     return core
@@ -63,31 +65,45 @@ def mergekit_config(
         "merge_method": "linear",
         "parameters": {"normalize": False},
         "dtype": "float32",
-        "tokenizer_source": str(base_dir),
         "models": models,
     }
+    if (base_dir / "tokenizer_config.json").is_file():
+        config["tokenizer_source"] = str(base_dir)
     header = "# Reproduces a merge-mix merge with mergekit: mergekit-yaml mergekit.yaml OUT\n"
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
 def export_proxy(pool, merger, weights: np.ndarray, out: Path, force: bool = False) -> Path:
-    """Merge `weights` with `merger` (over `pool`'s components) and write `out`."""
-    from merge_mix.merge import effective_mixture
-    from merge_mix.model import save_model, weights_sha256
-    from merge_mix.tokens import load_tokenizer
-
+    """Merge `weights` with `merger` (over `pool`'s components) and write `out`: all of it
+    or, on any failure, nothing."""
     out = Path(out)
     if out.exists() and not force:
         raise MergeMixError(f"{out}: already exists (use --force to replace it)")
     model = merger.merge(weights)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(pool, merger, weights, model, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _write(pool, merger, weights: np.ndarray, model, tmp: Path) -> None:
+    from merge_mix.merge import effective_mixture
+    from merge_mix.model import save_model, weights_sha256
+    from merge_mix.tokens import load_tokenizer
+
+    comps = {d: pool.component_dir(d).resolve() for d in pool.domains}
+    # Built first: a keep-base pattern mergekit cannot express fails before any big write.
+    kit = mergekit_config(pool.base_dir.resolve(), comps, weights, merger.keep_base)
     save_model(model, tmp)
     load_tokenizer(pool.tokenizer_dir).save_pretrained(str(tmp))
-    comps = {d: pool.component_dir(d).resolve() for d in pool.domains}
-    (tmp / "mergekit.yaml").write_text(
-        mergekit_config(pool.base_dir.resolve(), comps, weights, merger.keep_base)
-    )
+    (tmp / "mergekit.yaml").write_text(kit)
     record = {
         "pool": str(pool.path.resolve()),
         "pool_name": pool.name,
@@ -105,7 +121,3 @@ def export_proxy(pool, merger, weights: np.ndarray, out: Path, force: bool = Fal
         "versions": library_versions(),
     }
     write_json_atomic(tmp / "merge_mix_export.json", record)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out

@@ -47,12 +47,19 @@ def effective_mixture(weights: np.ndarray, general_share: float, general: np.nda
 
 
 def mixture_to_weights(
-    mixture: np.ndarray, general_share: float, general: np.ndarray, domains: list[str]
+    mixture: np.ndarray,
+    general_share: float,
+    general: np.ndarray,
+    domains: list[str],
+    extrapolate: bool = False,
 ) -> np.ndarray:
     """Merge weights whose effective mixture is `mixture`, or an error naming the domain
-    whose share is below the floor every merge keeps (``general_share * g``)."""
+    whose share is below the floor every merge keeps (``general_share * g``), unless
+    `extrapolate` allows the negative weights such a mixture needs."""
     floor = general_share * general
     w = (np.asarray(mixture, dtype=np.float64) - floor) / (1.0 - general_share)
+    if extrapolate:
+        return w
     for d, wi, r, f in zip(domains, w, mixture, floor, strict=True):
         if wi < -1e-9:
             raise MergeMixError(
@@ -60,7 +67,7 @@ def mixture_to_weights(
                 f" components' general data (general_share x general mix); such a mixture"
                 f" needs negative weights (--extrapolate)"
             )
-    return np.clip(w, 0.0, None) if (w > -1e-9).all() else w
+    return np.clip(w, 0.0, None)
 
 
 def parse_assignment(text: str, what: str = "weights") -> dict[str, float]:
@@ -113,7 +120,7 @@ def resolve_weights(
         else:
             w = np.eye(k)[domains.index(name)]
         if as_mixture:
-            return mixture_to_weights(w, general_share, general, domains)
+            return mixture_to_weights(w, general_share, general, domains, extrapolate)
         return w
     if isinstance(spec, str):
         spec = parse_assignment(spec, what)
@@ -147,7 +154,7 @@ def resolve_weights(
     if as_mixture:
         if not math.isclose(w.sum(), 1.0, abs_tol=1e-6):
             raise MergeMixError(f"{what}: a data mixture must sum to 1")
-        return mixture_to_weights(w, general_share, general, domains)
+        return mixture_to_weights(w, general_share, general, domains, extrapolate)
     return w
 
 

@@ -101,8 +101,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu"):
 
 def save_model(model, path: Path) -> None:
     """`save_pretrained` as safetensors (one file up to 10 GB, shards beyond)."""
+    from merge_mix.artifacts import shareable
+
     quiet_transformers()
     model.save_pretrained(str(path), safe_serialization=True, max_shard_size="10GB")
+    shareable(Path(path))
 
 
 def weights_sha256(path: Path) -> str:

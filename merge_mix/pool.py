@@ -36,6 +36,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # Sections that, once built, a spec may not change for the same pool directory.
 FROZEN_SECTIONS = ("seed", "general_share", "general_mix", "data", "tokenizer", "model", "training")
+# Settings of how a run executes, not of what it trains: free to differ between machines.
+RUNTIME_FIELDS = {"training": ("device", "eval_every", "eval_tokens", "checkpoint_every")}
 
 
 def _log(msg: str) -> None:
@@ -56,7 +58,9 @@ class Pool:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path, require_complete: bool = False) -> Pool:
+    def open(
+        cls, path: str | Path, require_complete: bool = False, allow_empty: bool = False
+    ) -> Pool:
         path = Path(path)
         if not path.is_dir():
             raise MergeMixError(f"{path}: pool directory not found")
@@ -81,7 +85,7 @@ class Pool:
         if require_complete and not manifest.get("complete"):
             missing = ", ".join(manifest.get("missing", [])) or "?"
             raise MergeMixError(f"{path}: pool is incomplete: missing components {missing}")
-        if not pool.domains:
+        if not pool.domains and not allow_empty:
             raise MergeMixError(f"{path}: pool has no finished components yet")
         return pool
 
@@ -167,7 +171,10 @@ def _sources_hash(spec: PoolSpec, domain: str) -> str:
 
 def _frozen_spec(spec: PoolSpec) -> dict[str, Any]:
     full = spec.to_dict()
-    return {k: full[k] for k in FROZEN_SECTIONS}
+    frozen = {k: full[k] for k in FROZEN_SECTIONS}
+    for section, names in RUNTIME_FIELDS.items():
+        frozen[section] = {k: v for k, v in frozen[section].items() if k not in names}
+    return frozen
 
 
 def _check_same_spec(spec: PoolSpec, pool_dir: Path) -> None:
@@ -177,6 +184,10 @@ def _check_same_spec(spec: PoolSpec, pool_dir: Path) -> None:
         return
     old = read_json(path)
     new = _frozen_spec(spec)
+    for section, names in RUNTIME_FIELDS.items():
+        old["frozen"][section] = {
+            k: v for k, v in old["frozen"].get(section, {}).items() if k not in names
+        }
     for section in FROZEN_SECTIONS:
         if old["frozen"].get(section) != new[section]:
             a, b = old["frozen"].get(section), new[section]
@@ -353,6 +364,7 @@ def _train_member(
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp)
+    tokenizer.save_pretrained(str(tmp))  # a complete HF model directory on its own
     losses = _record_losses(model, heldout, device, spec.training.precision)
     epochs = {
         d: round(result.domain_tokens.get(d, 0) / data["domains"][d]["train"]["tokens"], 4)
@@ -391,10 +403,11 @@ def _build_base(spec, pool_dir, data, tokenizer, general, device, step_callback,
     base_dir = pool_dir / "base"
     if spec.model.pretrained is not None:
         _log(f"[{spec.name}] copying pretrained base from {spec.model.pretrained}")
-        model = load_model(spec.model.pretrained)
+        model = load_model(spec.model.pretrained, device)
         tmp = pool_dir / "base.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(model, tmp)
+        tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(base_dir, ignore_errors=True)
         tmp.rename(base_dir)
         heldout = _heldout_set(pool_dir, list(data["domains"]), spec, special_ids(tokenizer)[0])
@@ -414,20 +427,23 @@ def _build_base(spec, pool_dir, data, tokenizer, general, device, step_callback,
     return record
 
 
-def _base_losses_for_new_domains(spec, pool_dir, data, tokenizer, device) -> None:
-    """Grown pools: score the base on domains added after it was built."""
+def _score_on_new_domains(spec, pool_dir, data, tokenizer, device) -> None:
+    """Grown pools: score the base and every finished component on domains added after
+    they were built, so each record holds held-out losses on every domain."""
     from merge_mix.model import load_model
     from merge_mix.tokens import special_ids
 
-    path = pool_dir / "base" / "base.json"
-    record = read_json(path)
-    missing = [d for d in data["domains"] if d not in record["heldout"]]
-    if not missing:
-        return
-    model = load_model(pool_dir / "base", device)
-    heldout = _heldout_set(pool_dir, missing, spec, special_ids(tokenizer)[0])
-    record["heldout"].update(_record_losses(model, heldout, device, spec.training.precision))
-    write_json_atomic(path, record)
+    records = [pool_dir / "base" / "base.json"]
+    records += sorted((pool_dir / "components").glob("*/component.json"))
+    for path in records:
+        record = read_json(path)
+        missing = [d for d in data["domains"] if d not in record["heldout"]]
+        if not missing:
+            continue
+        model = load_model(path.parent, device)
+        heldout = _heldout_set(pool_dir, missing, spec, special_ids(tokenizer)[0])
+        record["heldout"].update(_record_losses(model, heldout, device, spec.training.precision))
+        write_json_atomic(path, record)
 
 
 def _verified(record_path: Path, model_dir: Path) -> bool:
@@ -471,7 +487,9 @@ def write_manifest(spec: PoolSpec, pool_dir: Path) -> dict:
             "general_mixture": general,
             "tokenizer": tok,
             "model": {
-                "architecture": "LlamaForCausalLM",
+                "architecture": (
+                    read_json(pool_dir / "base" / "config.json").get("architectures") or ["?"]
+                )[0],
                 "seq_len": spec.model.seq_len,
                 "parameters": base["parameters"],
             },
@@ -541,7 +559,7 @@ def build_pool(
         if base_path.is_file() and _verified(base_path, pool_dir / "base"):
             general = read_json(base_path)["general_mixture"]
             _check_budgets(spec, data, general, base_needed=False)
-            _base_losses_for_new_domains(spec, pool_dir, data, tokenizer, device)
+            _score_on_new_domains(spec, pool_dir, data, tokenizer, device)
         else:
             general = _general_mixture(spec, data, spec.domain_names)
             _check_budgets(spec, data, general, base_needed=spec.model.pretrained is None)
@@ -553,6 +571,7 @@ def build_pool(
                 return None
             record["general_mixture"] = general
             write_json_atomic(base_path, record)
+            shutil.rmtree(pool_dir / "work" / "base", ignore_errors=True)
         write_json_atomic(
             pool_dir / "spec.json",
             {
@@ -601,7 +620,7 @@ def build_pool(
 
 def format_pool_table(pool_dir: Path) -> str:
     """`merge-mix pool show`: a pool's domains, budgets, epochs and held-out losses."""
-    pool = Pool.open(pool_dir)
+    pool = Pool.open(pool_dir, allow_empty=True)
     m = pool.manifest
     lines = []
     state = "complete" if m["complete"] else f"INCOMPLETE (missing: {', '.join(m['missing'])})"

@@ -24,13 +24,16 @@ DEFAULT_HELDOUT_TOKENS = 16_384
 
 
 class ProxyScorer:
-    """Scores mixture weights by merging the pool's components and evaluating the proxy."""
+    """Scores mixture weights by merging the pool's components and evaluating the proxy.
+
+    Evaluation runs in fp32 by default (`precision`), also on GPUs, so proxy scores are
+    comparable across machines and with lm-eval's; "auto" uses bf16 autocast on CUDA."""
 
     def __init__(
         self,
         pool: Pool | str | Path,
         device: str = "auto",
-        precision: str = "auto",
+        precision: str = "fp32",
         heldout_tokens: int | None = DEFAULT_HELDOUT_TOKENS,
         keep_base: tuple[str, ...] = (),
         stream: bool = False,
@@ -41,6 +44,14 @@ class ProxyScorer:
         calibration=None,
     ):
         self.pool = pool if isinstance(pool, Pool) else Pool.open(pool)
+        if not self.pool.manifest.get("complete"):
+            import click
+
+            click.echo(
+                f"warning: {self.pool.path}: pool is incomplete; using its finished components"
+                f" {', '.join(self.pool.domains)} (missing: {', '.join(self.pool.manifest['missing'])})",
+                err=True,
+            )
         self.device = pick_device(device)
         self.precision = precision
         self.batch_size = batch_size

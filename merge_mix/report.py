@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from merge_mix.artifacts import write_atomic
 from merge_mix.errors import MergeMixError
 
 TOP_TRIALS = 10
@@ -40,12 +40,6 @@ class Report:
     plots: list[Path]
     beats_uniform: bool | None
     """Whether the best mixture beats the uniform baseline (None: no uniform baseline)."""
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-    os.replace(tmp, path)
 
 
 def _load(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
@@ -102,7 +96,7 @@ def _png(fig: Any, path: Path) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     data = buffer.getvalue()
-    _write_atomic(path, data)
+    write_atomic(path, data)
     return data
 
 
@@ -348,7 +342,9 @@ def _sections(
     return blocks
 
 
-def _markdown(title: str, blocks: list[tuple[str, Any]]) -> str:
+def render_markdown(title: str, blocks: list[tuple[str, Any]]) -> str:
+    """Markdown for report blocks: ("h2", text), ("p", text), ("img", png name) or
+    ("table", (header, rows))."""
     out = [f"# {title}", ""]
     for kind, content in blocks:
         if kind == "h2":
@@ -358,22 +354,28 @@ def _markdown(title: str, blocks: list[tuple[str, Any]]) -> str:
         elif kind == "img":
             out += [f"![{content}]({content})", ""]
         else:
-            header, table = content
+            header, rows = content
             out.append("| " + " | ".join(header) + " |")
             out.append("|" + "---|" * len(header))
-            out += ["| " + " | ".join(row) + " |" for row in table]
+            out += ["| " + " | ".join(row) + " |" for row in rows]
             out.append("")
     return "\n".join(out)
 
 
-def _html(title: str, blocks: list[tuple[str, Any]], images: Mapping[str, bytes]) -> str:
+def render_html(
+    title: str,
+    blocks: list[tuple[str, Any]],
+    images: Mapping[str, bytes],
+    page_width: str = "60em",
+    image_width: str = "100%",
+) -> str:
+    """A self-contained HTML page for the same blocks, PNGs embedded as base64."""
+
     def inline(text: str) -> str:
         text = html.escape(text)
         for mark, tag in (("**", "strong"), ("`", "code")):
             parts = text.split(mark)
-            text = "".join(
-                part if i % 2 == 0 else f"<{tag}>{part}</{tag}>" for i, part in enumerate(parts)
-            )
+            text = "".join(p if i % 2 == 0 else f"<{tag}>{p}</{tag}>" for i, p in enumerate(parts))
         return text
 
     body = [f"<h1>{html.escape(title)}</h1>"]
@@ -386,16 +388,15 @@ def _html(title: str, blocks: list[tuple[str, Any]], images: Mapping[str, bytes]
             data = base64.b64encode(images[content]).decode()
             body.append(f'<img alt="{content}" src="data:image/png;base64,{data}">')
         else:
-            header, table = content
-            cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-            lines = [f"<tr>{cells}</tr>"]
-            for row in table:
-                lines.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+            header, rows = content
+            lines = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+            for row in rows:
+                lines.append("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>")
             body.append("<table>" + "".join(lines) + "</table>")
     style = (
-        "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+        f"body{{font-family:sans-serif;max-width:{page_width};margin:2em auto;padding:0 1em}}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-        "padding:.2em .6em;text-align:right}img{max-width:100%}"
+        f"padding:.2em .6em;text-align:right}}img{{max-width:{image_width};margin:.3em}}"
     )
     return (
         f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}"
@@ -421,6 +422,6 @@ def write_report(run_dir: Path) -> Report:
     title = f"Mixture search: {run_dir.name}"
     blocks = _sections(rows, best, run, sentence)
     markdown, page = run_dir / "report.md", run_dir / "report.html"
-    _write_atomic(markdown, _markdown(title, blocks))
-    _write_atomic(page, _html(title, blocks, images))
+    write_atomic(markdown, render_markdown(title, blocks))
+    write_atomic(page, render_html(title, blocks, images))
     return Report(markdown, page, [run_dir / name for name in images], beats)

@@ -8,7 +8,9 @@ stopped and ends with the same weights as an uninterrupted one. Checkpoints are
 safetensors + JSON, never pickles.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DDP: every rank draws the
-same global batch from the sampler and trains on its own slice; rank 0 writes.
+same global batch of ``batch_size`` sequences from the sampler and trains on its own
+``batch_size / WORLD_SIZE`` of them, so the recipe is the same on any number of GPUs;
+rank 0 writes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from merge_mix.artifacts import shareable
 from merge_mix.config import TrainingSpec
+from merge_mix.errors import MergeMixError
 from merge_mix.evaluate import HeldoutSet, heldout_metrics
 from merge_mix.model import autocast
 from merge_mix.tokens import MixtureSampler
@@ -101,6 +105,7 @@ def save_checkpoint(model, optimizer, state: dict, workdir: Path) -> None:
                 opt_tensors[f"{names[p]}::{key}"] = value.detach().cpu().contiguous()
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shareable(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -151,7 +156,13 @@ def train_model(
     from tqdm.auto import tqdm
 
     rank, world = _dist_info()
-    tokens_per_step = spec.batch_size * spec.grad_accum * world * seq_len
+    if spec.batch_size % world:
+        raise MergeMixError(
+            f"training.batch_size: {spec.batch_size} sequences do not split evenly over"
+            f" {world} processes"
+        )
+    per_rank = spec.batch_size // world
+    tokens_per_step = spec.batch_size * spec.grad_accum * seq_len
     total_steps = max(1, math.ceil(total_tokens / tokens_per_step))
     model.to(device).train()
     decay, no_decay = [], []
@@ -208,9 +219,9 @@ def train_model(
                 group["lr"] = lr
             loss_sum = 0.0
             for micro in range(spec.grad_accum):
-                global_batch, batch_counts = sampler.batch(step, micro, spec.batch_size * world)
+                global_batch, batch_counts = sampler.batch(step, micro, spec.batch_size)
                 counts += batch_counts
-                rows = global_batch[rank * spec.batch_size : (rank + 1) * spec.batch_size]
+                rows = global_batch[rank * per_rank : (rank + 1) * per_rank]
                 batch = torch.from_numpy(rows).to(device)
                 sync = micro == spec.grad_accum - 1 or world == 1
                 ctx = train_module.no_sync() if not sync else contextlib.nullcontext()

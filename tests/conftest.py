@@ -34,6 +34,7 @@ def tiny_spec_dict(root: Path, output: str = "pool") -> dict:
     """A 3-domain spec with a ~100k-parameter model that builds in seconds."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     include = Path(sysconfig.get_paths()["include"])
+    root.mkdir(parents=True, exist_ok=True)
     prose = root / "prose.jsonl"
     if not prose.exists():
         _prose_jsonl(prose)

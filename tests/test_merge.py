@@ -219,3 +219,49 @@ def test_incompatible_components_are_refused(pool, tmp_path):
     save_file(tensors, str(bad / "model.safetensors"))
     with pytest.raises(MergeMixError, match="up_proj.weight has shape"):
         Merger(pool.base_dir, {d: bad})
+
+
+def test_mixture_below_the_floor_needs_extrapolate(tiny_pool):
+    args = [
+        "eval",
+        str(tiny_pool),
+        "--mixture",
+        "code=0.9,c=0.05,prose=0.05",
+        "--heldout-tokens",
+        "200",
+    ]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "below" in refused.output
+    allowed = CliRunner().invoke(main, args + ["--extrapolate", "--json"])
+    assert allowed.exit_code == 0, allowed.output
+    w = json.loads(allowed.output)["mixtures"][0]["merge_weights"]
+    assert w["c"] < 0 and w["code"] > 1
+
+
+def test_export_keep_base_writes_mergekit_filters_or_refuses_cleanly(tiny_pool, tmp_path):
+    import yaml
+
+    out = tmp_path / "kept"
+    ok = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(tiny_pool),
+            str(out),
+            "--weights",
+            "uniform",
+            "--keep-base",
+            "*embed_tokens*",
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    cfg = yaml.safe_load((out / "mergekit.yaml").read_text())
+    base_weight = cfg["models"][0]["parameters"]["weight"]
+    assert base_weight[0] == {"filter": "embed_tokens", "value": 1.0}
+    bad = tmp_path / "exact"
+    refused = CliRunner().invoke(
+        main,
+        ["export", str(tiny_pool), str(bad), "--weights", "c", "--keep-base", "model.norm.weight"],
+    )
+    assert refused.exit_code == 2 and "substrings" in refused.output
+    assert not bad.exists() and not any(p.name.startswith(".exact") for p in tmp_path.iterdir())

@@ -164,6 +164,7 @@ def test_only_and_growth_train_just_what_is_missing(tiny_spec_path, tiny_pool, t
     m = json.loads((pool_dir / "manifest.json").read_text())
     assert not m["complete"] and m["missing"] == ["code2"]
     assert "code2" in m["base"]["heldout"]  # the base is scored on the new domain
+    assert "code2" in m["components"]["c"]["heldout"]  # and so are the finished components
     pool = build_pool(grown, show_progress=False)
     assert pool is not None and pool.domains == ["code", "c", "prose", "code2"]
     after = {
@@ -228,3 +229,30 @@ def test_bad_specs_fail_with_one_line(tiny_spec_path, tmp_path, mutate, expected
     lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], result.output
     assert not (tmp_path / "p" / "manifest.json").exists()
+
+
+def test_prepare_only_then_show_and_file_modes(tiny_spec_path, tmp_path):
+    spec = load_spec(
+        write_spec(tmp_path, tiny_spec_dict(tiny_spec_path.parent, output=str(tmp_path / "p")))
+    )
+    result = CliRunner().invoke(
+        main, ["train-components", str(spec.spec_path), "--prepare-only", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "missing: code, c, prose" in result.output
+    assert not (tmp_path / "p" / "work" / "base").exists()  # finished base: no stale checkpoint
+    base = tmp_path / "p" / "base"
+    assert (base / "tokenizer.json").is_file()  # members are complete HF model directories
+    for f in (base / "model.safetensors", tmp_path / "p" / "manifest.json"):
+        assert f.stat().st_mode & 0o044 == 0o044, f  # readable by group and others
+
+
+def test_runtime_settings_may_change_between_runs(tiny_spec_path, tiny_pool, tmp_path):
+    pool_dir = tmp_path / "p"
+    shutil.copytree(tiny_pool, pool_dir)
+    spec = tiny_spec_dict(tiny_spec_path.parent, output=str(pool_dir))
+    spec["training"].update(device="cpu", eval_every=7, checkpoint_every=3)
+    result = CliRunner().invoke(
+        main, ["train-components", str(write_spec(tmp_path, spec)), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output

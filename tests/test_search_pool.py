@@ -61,13 +61,31 @@ def test_sampling_at_equal_time_counts_cost_in_order():
 
 def test_search_command_writes_report_and_resumes(tiny_pool, tmp_path):
     run = tmp_path / "run"
-    args = ["search", str(tiny_pool), "--run-dir", str(run), "--n-trials", "4",
-            "--heldout-tokens", "600", "--gradient-steps", "2", "--quiet"]
+    args = [
+        "search",
+        str(tiny_pool),
+        "--run-dir",
+        str(run),
+        "--n-trials",
+        "4",
+        "--heldout-tokens",
+        "600",
+        "--gradient-steps",
+        "2",
+        "--quiet",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "best: trial" in result.output and "report:" in result.output
-    for name in ("trials.jsonl", "trials.csv", "best.json", "report.md", "report.html",
-                 "gradient.json", "run.json"):
+    for name in (
+        "trials.jsonl",
+        "trials.csv",
+        "best.json",
+        "report.md",
+        "report.html",
+        "gradient.json",
+        "run.json",
+    ):
         assert (run / name).is_file(), name
     rows = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in rows]
@@ -82,7 +100,9 @@ def test_search_command_writes_report_and_resumes(tiny_pool, tmp_path):
 
 
 def test_search_command_bad_objective_is_one_line(tiny_pool, tmp_path):
-    result = CliRunner().invoke(main, ["search", str(tiny_pool), "--run-dir", str(tmp_path / "r"),
-                                       "--objective", "target:web"])
+    result = CliRunner().invoke(
+        main,
+        ["search", str(tiny_pool), "--run-dir", str(tmp_path / "r"), "--objective", "target:web"],
+    )
     assert result.exit_code == 2
     assert result.output.startswith("error:") and result.output.count("\n") == 1

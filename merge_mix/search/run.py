@@ -30,6 +30,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from merge_mix.artifacts import write_atomic
 from merge_mix.errors import MergeMixError
 from merge_mix.objective import Objective
 from merge_mix.search import Scorer
@@ -57,7 +58,6 @@ from merge_mix.search.study import (
     recover_stale,
     requeue,
     result_attrs,
-    write_atomic,
 )
 
 _MAX_REDRAWS = 100

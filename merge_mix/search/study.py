@@ -19,7 +19,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -31,6 +30,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
+from merge_mix.artifacts import write_atomic
 from merge_mix.errors import MergeMixError
 from merge_mix.objective import Evaluation, Objective
 from merge_mix.search.config import JOURNAL_SUFFIXES
@@ -501,13 +501,6 @@ def best_summary(study: optuna.Study, rows: Sequence[Mapping[str, Any]]) -> dict
             **latest.user_attrs.get("surrogate", {}),
         }
     return summary
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file and a rename, so readers never see half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _csv_text(rows: Sequence[Mapping[str, Any]], domains: Sequence[str]) -> str:

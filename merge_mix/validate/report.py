@@ -14,19 +14,17 @@ The report says in words where fidelity is weak. Plots use matplotlib's Agg canv
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from merge_mix.artifacts import write_json_atomic
+from merge_mix.artifacts import write_atomic, write_json_atomic
 from merge_mix.fidelity import MEAN_TARGET, mixture_entropy
+from merge_mix.report import render_html, render_markdown
 from merge_mix.validate.calibrate import FIDELITY_HOLDS, calibrated_key
 from merge_mix.validate.summary import (
     FIDELITY_HEADER,
@@ -165,68 +163,10 @@ def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, A
     return blocks
 
 
-def _markdown(title: str, blocks: list[tuple[str, Any]]) -> str:
-    out = [f"# {title}", ""]
-    for kind, content in blocks:
-        if kind == "h2":
-            out += [f"## {content}", ""]
-        elif kind == "p":
-            out += [content, ""]
-        elif kind == "img":
-            out += [f"![{content}]({content})", ""]
-        else:
-            header, rows = content
-            out.append("| " + " | ".join(header) + " |")
-            out.append("|" + "---|" * len(header))
-            out += ["| " + " | ".join(row) + " |" for row in rows]
-            out.append("")
-    return "\n".join(out)
-
-
-def _html(title: str, blocks: list[tuple[str, Any]], images: Mapping[str, bytes]) -> str:
-    def inline(text: str) -> str:
-        text = html.escape(text)
-        for mark, tag in (("**", "strong"), ("`", "code")):
-            parts = text.split(mark)
-            text = "".join(p if i % 2 == 0 else f"<{tag}>{p}</{tag}>" for i, p in enumerate(parts))
-        return text
-
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    for kind, content in blocks:
-        if kind == "h2":
-            body.append(f"<h2>{html.escape(content)}</h2>")
-        elif kind == "p":
-            body.append(f"<p>{inline(content)}</p>")
-        elif kind == "img":
-            data = base64.b64encode(images[content]).decode()
-            body.append(f'<img alt="{content}" src="data:image/png;base64,{data}">')
-        else:
-            header, rows = content
-            lines = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
-            for row in rows:
-                lines.append("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>")
-            body.append("<table>" + "".join(lines) + "</table>")
-    style = (
-        "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-        "padding:.2em .6em;text-align:right}img{max-width:48%;margin:.3em}"
-    )
-    return (
-        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}"
-        f"</title><style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-    os.replace(tmp, path)
-
-
 def _png(fig: Any, path: Path) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
     return buffer.getvalue()
 
 
@@ -327,12 +267,15 @@ def write_outputs(
         "report_html": str(out_dir / "report.html"),
         "plots": [str(out_dir / name) for name in images],
     }
-    _write_atomic(out_dir / "references.csv", _csv(result))
+    write_atomic(out_dir / "references.csv", _csv(result))
     write_json_atomic(out_dir / "calibration.json", calibration_record)
     if install_to is not None:
         write_json_atomic(install_to, calibration_record)
     title = f"Proxy fidelity: pool {result['pool_name']}"
     blocks = _sections(result, list(images))
-    _write_atomic(out_dir / "report.md", _markdown(title, blocks))
-    _write_atomic(out_dir / "report.html", _html(title, blocks, images))
+    write_atomic(out_dir / "report.md", render_markdown(title, blocks))
+    write_atomic(
+        out_dir / "report.html",
+        render_html(title, blocks, images, page_width="70em", image_width="48%"),
+    )
     write_json_atomic(out_dir / "validation.json", result)

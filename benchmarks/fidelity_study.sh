@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The fidelity study behind docs/fidelity.md: every figure there comes from the files this
+# script writes into benchmarks/results/fidelity/. Needs the demo pool (`make demo` first).
+# Two streams run side by side, one thread each (2-core machine); about an hour in all.
+#
+#   bash benchmarks/fidelity_study.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MM=.venv/bin/merge-mix
+OUT=benchmarks/results/fidelity
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+validate() {  # POOL NAME N [extra validate options...]
+  local pool=$1 name=$2 n=$3
+  shift 3
+  { echo "\$ merge-mix validate $pool -n $n --out $OUT/$name $*"
+    "$MM" validate "$pool" -n "$n" --out "$OUT/$name" --quiet "$@"; } > "$OUT/$name.txt" 2>&1
+}
+
+stream_a() {
+  # Merge rule first, so the pool keeps the whole-model calibration written last.
+  validate pools/demo demo-keep-embed 16 --keep-base '*embed_tokens*'
+  validate pools/demo demo 16
+  for s in gs0 gs25; do
+    "$MM" train-components "pools/study-$s.yaml" --quiet > "$OUT/build-$s.txt" 2>&1
+    validate "pools/study-$s" "$s" 12
+  done
+}
+
+stream_b() {
+  "$MM" train-components pools/study-long.yaml --quiet > "$OUT/build-long.txt" 2>&1
+  validate pools/study-long long 10
+}
+
+stream_a & a=$!
+stream_b & b=$!
+wait $a; wait $b
+echo "done: $OUT"
