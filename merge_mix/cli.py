@@ -122,15 +122,18 @@ def _merge_options(fn):
             show_default=True,
             help="auto (CUDA, then MPS, then CPU) or a torch device.",
         ),
-        click.option(
-            "--extrapolate",
-            is_flag=True,
-            help="Allow negative weights and weights that do not sum to 1.",
-        ),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+_extrapolate_option = click.option(
+    "--extrapolate",
+    is_flag=True,
+    help="Allow negative weights and weights that do not sum to 1 (task arithmetic beyond "
+    "the simplex).",
+)
 
 
 def _lmeval_options(fn):
@@ -140,8 +143,8 @@ def _lmeval_options(fn):
             "--tasks",
             default="",
             metavar="T1,T2",
-            help="lm-eval tasks to score too (see `merge-mix make-tasks`); needed "
-            "when a search objective uses lmeval terms.",
+            help="lm-eval tasks to score too (see `merge-mix make-tasks`); a search "
+            "objective with lmeval terms needs them.",
         ),
         click.option(
             "--include-path",
@@ -221,6 +224,7 @@ def _notice(msg: str) -> None:
     help="Held-out tokens scored per domain.",
 )
 @_merge_options
+@_extrapolate_option
 def eval_cmd(
     pool,
     weights,
@@ -301,6 +305,7 @@ def eval_cmd(
 @click.option("--mixture", default=None, metavar="SPEC", help="An effective data mixture instead.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @_merge_options
+@_extrapolate_option
 def export_cmd(pool, out, weights, mixture, force, keep_base, stream, device, extrapolate):
     """Write the mixture proxy of POOL as a Hugging Face model directory OUT (config,
     safetensors, tokenizer) plus a mergekit YAML that reproduces the merge."""
@@ -446,6 +451,20 @@ def lm_eval_cmd(args):
     help="Dirichlet prior: natural mixture to this power.",
 )
 @click.option(
+    "--train-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Planned token budget of the final training run: caps each domain's weight so its "
+    "data repeats at most --max-epochs times (dirichlet sampler and surrogate candidates).",
+)
+@click.option(
+    "--max-epochs",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="With --train-tokens: most repetitions of any domain's data.",
+)
+@click.option(
     "--storage",
     default=None,
     help="Study storage shared by several workers: a journal file (*.jsonl, *.log) "
@@ -525,6 +544,8 @@ def search_cmd(
     n_trials,
     grid_step,
     temperature,
+    train_tokens,
+    max_epochs,
     storage,
     worker,
     seed,
@@ -545,7 +566,6 @@ def search_cmd(
     keep_base,
     stream,
     device,
-    extrapolate,
 ):
     """Find the mixture of POOL's domains that minimises an objective, by scoring many
     merged proxies: baselines (uniform, natural, each pure component), sampled mixtures,
@@ -560,8 +580,6 @@ def search_cmd(
     from merge_mix.search.gradient import GradientConfig
     from merge_mix.search.pipeline import format_search_summary, search_pool
 
-    if extrapolate:
-        raise MergeMixError("--extrapolate: search keeps weights on the simplex")
     domains = Pool.open(pool).domains
     obj = load_objective(objective, domains, calibrated=calibrated)
     config = SearchConfig(
@@ -573,6 +591,8 @@ def search_cmd(
         budget_tokens=heldout_tokens,
         grid_step=grid_step,
         temperature=temperature,
+        train_tokens=train_tokens,
+        max_epochs=max_epochs,
         halving=halving,
         eta=eta,
         rungs=rungs,

@@ -382,6 +382,7 @@ def _train_member(
         "steps": result.steps,
         "world_size": world,
         "heldout": losses,
+        "heldout_tokens": spec.training.eval_tokens,
         "final_train_loss": round(result.final_train_loss, 6),
         "parameters": count_parameters(model),
         "seed": spec.seed,

@@ -124,6 +124,15 @@ def search_pool(
         from merge_mix.errors import MergeMixError
 
         raise MergeMixError("objective: it uses lm-eval metrics; name the tasks with --tasks")
+    uses_calibrated = any(
+        item.source == "calibrated" for item in (*objective.terms, *objective.constraints)
+    )
+    if uses_calibrated and options.get("calibration") is None:
+        from merge_mix.errors import MergeMixError
+
+        raise MergeMixError(
+            "objective: it uses calibrated losses; add --calibrated (after `merge-mix validate`)"
+        )
     scorer = ProxyScorer(pool_dir, **options)
     if config.budget_tokens is None:
         import dataclasses
