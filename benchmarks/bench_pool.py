@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -38,50 +37,13 @@ PATH_KINDS = ("files", "jsonl", "json", "parquet", "csv", "hf_disk")
 
 
 def tiny_spec(root: Path) -> dict:
-    """A 3-domain spec with a ~100k-parameter model (as the tests' session pool)."""
-    from pydoc_data.topics import topics
+    """The tests' 3-domain spec with a ~100k-parameter model (tests/conftest.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import tiny_spec_dict
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    include = Path(sysconfig.get_paths()["include"])
-    prose = root / "prose.jsonl"
-    with prose.open("w") as fh:
-        for key in sorted(topics):
-            fh.write(json.dumps({"text": topics[key]}) + "\n")
-    return {
-        "name": "tiny",
-        "seed": 0,
-        "domains": {
-            "code": {
-                "sources": [
-                    {"files": str(stdlib / "json" / "*.py")},
-                    {"files": str(stdlib / "email" / "*.py")},
-                ],
-                "max_bytes": 200_000,
-            },
-            "c": {"sources": [{"files": str(include / "*.h")}], "max_bytes": 200_000},
-            "prose": {"sources": [{"jsonl": str(prose)}], "max_bytes": 200_000},
-        },
-        "data": {"heldout_fraction": 0.15, "max_doc_bytes": 2048},
-        "tokenizer": {"vocab_size": 512, "sample_bytes": 150_000},
-        "model": {
-            "hidden_size": 48,
-            "num_layers": 2,
-            "num_heads": 2,
-            "num_kv_heads": 2,
-            "intermediate_size": 128,
-            "seq_len": 64,
-        },
-        "training": {
-            "base_tokens": 60_000,
-            "component_tokens": 40_000,
-            "batch_size": 8,
-            "lr": 5e-3,
-            "warmup_steps": 5,
-            "eval_every": 0,
-            "eval_tokens": 4096,
-            "checkpoint_every": 10,
-        },
-    }
+    spec = tiny_spec_dict(root)
+    del spec["output_dir"]  # set by the caller
+    return spec
 
 
 def _absolute(location: str, base_dir: Path) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fidelity study behind docs/fidelity.md: every figure there comes from the files this
 # script writes into benchmarks/results/fidelity/. Needs the demo pool (`make demo` first).
-# Two streams run side by side, one thread each (2-core machine); about an hour in all.
+# Two streams run side by side, one thread each (2-core machine); about 45 minutes.
 #
 #   bash benchmarks/fidelity_study.sh
 set -euo pipefail
@@ -18,19 +18,21 @@ validate() {  # POOL NAME N [extra validate options...]
     "$MM" validate "$pool" -n "$n" --out "$OUT/$name" --quiet "$@"; } > "$OUT/$name.txt" 2>&1
 }
 
+study() {  # NAME N: build pools/study-NAME.yaml and validate it with N references
+  "$MM" train-components "pools/study-$1.yaml" --quiet > "$OUT/build-$1.txt" 2>&1
+  validate "pools/study-$1" "$1" "$2"
+}
+
 stream_a() {
   # Merge rule first, so the pool keeps the whole-model calibration written last.
   validate pools/demo demo-keep-embed 16 --keep-base '*embed_tokens*'
   validate pools/demo demo 16
-  for s in gs0 gs25; do
-    "$MM" train-components "pools/study-$s.yaml" --quiet > "$OUT/build-$s.txt" 2>&1
-    validate "pools/study-$s" "$s" 12
-  done
+  study gs25 8
 }
 
 stream_b() {
-  "$MM" train-components pools/study-long.yaml --quiet > "$OUT/build-long.txt" 2>&1
-  validate pools/study-long long 10
+  study long 8
+  study gs0 8
 }
 
 stream_a & a=$!

@@ -91,6 +91,9 @@ def test_search_command_writes_report_and_resumes(tiny_pool, tmp_path):
     kinds = [r["kind"] for r in rows]
     assert kinds.count("baseline:uniform") == 1 and "gradient:mirror" in kinds
     assert sum(k.startswith("sampler:") for k in kinds) == 4
+    grad = json.loads((run / "gradient.json").read_text())
+    assert {"uniform", "gradient"} <= set(grad["on_training_slice"])
+    assert grad["evaluations"] == 3 and grad["best_sampled"] is not None
     # Run again: the sampler quota is met, nothing is re-scored or duplicated.
     again = CliRunner().invoke(main, args + ["--no-gradient"])
     assert again.exit_code == 0, again.output

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from merge_mix.errors import MergeMixError
+from merge_mix.evaluate import HeldoutSet
 from merge_mix.objective import Objective
 
 
@@ -37,8 +38,9 @@ class GradientConfig:
     """Step size: of the exponentiated-gradient update (mirror) or of Adam (softmax)."""
     method: str = "mirror"
     """"mirror" (exponentiated gradient on the simplex) or "softmax" (Adam on logits)."""
-    train_tokens: int = 4096
-    """Held-out tokens per domain, after the scoring slice, used for gradients."""
+    train_tokens: int = 16_384
+    """Held-out tokens per domain, after the scoring slice, used for gradients (as many as
+    the default scoring budget: a small slice is a noisy picture of a domain)."""
     min_weight: float = 1e-4
     """Floor that keeps mirror descent from freezing a weight at exactly zero."""
 
@@ -61,6 +63,8 @@ class GradientResult:
     history: list[dict] = field(default_factory=list)
     evaluations: int = 0
     wall_time_s: float = 0.0
+    training_slice: HeldoutSet | None = None
+    """The held-out windows the gradients were taken on (disjoint from the scoring ones)."""
 
 
 def _training_slice(scorer, tokens: int):
@@ -208,4 +212,5 @@ def gradient_search(
         history=history,
         evaluations=config.steps,
         wall_time_s=time.perf_counter() - started,
+        training_slice=HeldoutSet(slices, config.train_tokens),
     )

@@ -42,6 +42,32 @@ def sampling_at_equal_time(rows: list[dict], seconds: float) -> dict[str, Any] |
     return best
 
 
+def _on_training_slice(scorer, objective, result, domains, best_sampled) -> dict[str, float]:
+    """The objective of the gradient's pick, the best sampled mixture and the uniform one on
+    the gradient's training slice: the mirror image of the scoring-slice comparison, so a
+    reader can see how much of either pick is fitted to the slice it was chosen on."""
+    from merge_mix.evaluate import heldout_metrics
+
+    def value(weights, baseline=None):
+        model = scorer.merger.merge(np.asarray(weights, dtype=np.float64))
+        metrics = heldout_metrics(
+            model, result.training_slice, scorer.device, scorer.precision, scorer.batch_size
+        )
+        return metrics, objective.evaluate(metrics, baseline).value
+
+    k = len(domains)
+    uniform_metrics, _ = value(np.full(k, 1.0 / k))
+    baseline = uniform_metrics if objective.constraints else None
+    out = {
+        "uniform": value(np.full(k, 1.0 / k), baseline)[1],
+        "gradient": value(result.weights, baseline)[1],
+    }
+    if best_sampled is not None:
+        w = [best_sampled["merge_weights"][d] for d in domains]
+        out[f"best_sampled (#{best_sampled['number']})"] = value(w, baseline)[1]
+    return out
+
+
 def run_gradient(
     scorer,
     objective: Objective,
@@ -82,6 +108,14 @@ def run_gradient(
     export_trials(study, run_dir)
     rows = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
     seconds = result.wall_time_s + score_s
+    sampled = [
+        r
+        for r in rows
+        if r["kind"].startswith(("sampler:", "baseline:"))
+        and r["objective"] is not None
+        and r.get("full_budget", True)
+    ]
+    best_sampled = min(sampled, key=lambda r: r["objective"], default=None)
     summary = {
         "config": asdict(gradient),
         "merge_weights": dict(zip(scorer.domains, map(float, result.weights), strict=True)),
@@ -89,14 +123,10 @@ def run_gradient(
         "evaluations": result.evaluations + 1,
         "wall_time_s": round(seconds, 3),
         "sampling_at_equal_time": sampling_at_equal_time(rows, seconds),
-        "best_sampled": min(
-            (
-                r["objective"]
-                for r in rows
-                if r["kind"].startswith(("sampler:", "baseline:")) and r["objective"] is not None
-            ),
-            default=None,
-        ),  # fmt: skip
+        "best_sampled": None if best_sampled is None else best_sampled["objective"],
+        "on_training_slice": _on_training_slice(
+            scorer, objective, result, scorer.domains, best_sampled
+        ),
         "history": result.history,
     }
     write_json_atomic(run_dir / "gradient.json", summary)
@@ -186,6 +216,10 @@ def format_search_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"gradient search: objective {g['objective']:.5f} with {g['evaluations']} evaluations"
             f" in {g['wall_time_s']:.1f}s; sampling in the same time reached {eq_text}"
+        )
+        lines.append(
+            "  on the gradient's own held-out slice: "
+            + ", ".join(f"{k} {v:.5f}" for k, v in g["on_training_slice"].items())
         )
     lines.append(f"report: {summary['report_html']} (and {summary['report_md']})")
     return "\n".join(lines)
