@@ -94,11 +94,13 @@ def test_search_command_writes_report_and_resumes(tiny_pool, tmp_path):
     grad = json.loads((run / "gradient.json").read_text())
     assert {"uniform", "gradient"} <= set(grad["on_training_slice"])
     assert grad["evaluations"] == 3 and grad["best_sampled"] is not None
-    # Run again: the sampler quota is met, nothing is re-scored or duplicated.
-    again = CliRunner().invoke(main, args + ["--no-gradient"])
+    # Run again: the sampler quota is met and the gradient search is done, so nothing is
+    # re-scored or duplicated.
+    again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
     rows2 = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     assert sum(r["kind"].startswith("sampler:") for r in rows2) == 4
+    assert sum(r["kind"].startswith("gradient:") for r in rows2) == 1
     assert [r["number"] for r in rows2[: len(rows)]] == [r["number"] for r in rows]
 
 

@@ -171,8 +171,13 @@ def search_pool(
     run_dir = Path(run_dir)
     result = run_search(scorer, objective, config, run_dir)
     grad = None
+    done = run_dir / "gradient.json"
     if gradient is not None:
-        grad = run_gradient(scorer, objective, config, gradient, run_dir, config.progress)
+        previous = json.loads(done.read_text()) if done.is_file() else None
+        if previous is not None and previous.get("config") == asdict(gradient):
+            grad = previous  # a finished run resumed: the gradient search is not repeated
+        else:
+            grad = run_gradient(scorer, objective, config, gradient, run_dir, config.progress)
     report = write_report(run_dir)
     best = json.loads((run_dir / "best.json").read_text())
     n_rows = len((run_dir / "trials.jsonl").read_text().splitlines())
