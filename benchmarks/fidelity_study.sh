@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fidelity study behind docs/fidelity.md: every figure there comes from the files this
 # script writes into benchmarks/results/fidelity/. Needs the demo pool (`make demo` first).
-# Two streams run side by side, one thread each (2-core machine); about 45 minutes.
+# Two streams run side by side, one thread each (2-core machine), then one last run with
+# both threads; about an hour in all.
 #
 #   bash benchmarks/fidelity_study.sh
 set -euo pipefail
@@ -35,7 +36,14 @@ stream_b() {
   study gs0 8
 }
 
+# Afterwards, alone on the machine: the longer-trained pool with 16 references (the first 8
+# are reused), enough for the calibration's pairwise form.
+longer() {
+  OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 validate pools/study-long long16 16
+}
+
 stream_a & a=$!
 stream_b & b=$!
 wait $a; wait $b
+longer
 echo "done: $OUT"

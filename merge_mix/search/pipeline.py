@@ -48,23 +48,26 @@ def _on_training_slice(scorer, objective, result, domains, best_sampled) -> dict
     reader can see how much of either pick is fitted to the slice it was chosen on."""
     from merge_mix.evaluate import heldout_metrics
 
-    def value(weights, baseline=None):
+    def metrics_of(weights):
         model = scorer.merger.merge(np.asarray(weights, dtype=np.float64))
-        metrics = heldout_metrics(
+        return heldout_metrics(
             model, result.training_slice, scorer.device, scorer.precision, scorer.batch_size
         )
-        return metrics, objective.evaluate(metrics, baseline).value
 
     k = len(domains)
-    uniform_metrics, _ = value(np.full(k, 1.0 / k))
-    baseline = uniform_metrics if objective.constraints else None
+    uniform = metrics_of(np.full(k, 1.0 / k))
+    baseline = uniform if objective.constraints else None
+
+    def value(weights):
+        return objective.evaluate(metrics_of(weights), baseline).value
+
     out = {
-        "uniform": value(np.full(k, 1.0 / k), baseline)[1],
-        "gradient": value(result.weights, baseline)[1],
+        "uniform": objective.evaluate(uniform, baseline).value,
+        "gradient": value(result.weights),
     }
     if best_sampled is not None:
         w = [best_sampled["merge_weights"][d] for d in domains]
-        out[f"best_sampled (#{best_sampled['number']})"] = value(w, baseline)[1]
+        out[f"best_sampled (#{best_sampled['number']})"] = value(w)
     return out
 
 
