@@ -2,9 +2,10 @@
 # The fidelity study behind docs/fidelity.md: every figure there comes from the files this
 # script writes into benchmarks/results/fidelity/. Needs the demo pool (`make demo` first).
 # Two streams run side by side, one thread each (2-core machine), then one last run with
-# both threads; about an hour in all.
+# both threads, then the lm-eval benchmark runs; about an hour and a half in all.
 #
-#   bash benchmarks/fidelity_study.sh
+#   bash benchmarks/fidelity_study.sh                     # everything
+#   bash benchmarks/fidelity_study.sh --benchmarks-only   # only the lm-eval benchmark runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MM=.venv/bin/merge-mix
@@ -42,8 +43,26 @@ longer() {
   OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 validate pools/study-long long16 16
 }
 
+# lm-eval benchmark fidelity on the pool's own tasks (the references above are reused),
+# with the benchmark objective of benchmarks/mean_acc.yaml.
+benchmark_runs() {
+  "$MM" make-tasks pools/demo --out eval_tasks > /dev/null
+  "$MM" make-tasks pools/study-long --out eval_tasks > /dev/null
+  OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 validate pools/demo demo-lmeval 16 \
+    --tasks mm_demo --include-path eval_tasks --objective benchmarks/mean_acc.yaml
+  OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 validate pools/study-long long16-lmeval 16 \
+    --tasks mm_study_long --include-path eval_tasks --objective benchmarks/mean_acc.yaml
+}
+
+if [ "${1:-}" = "--benchmarks-only" ]; then
+  benchmark_runs
+  echo "done: $OUT"
+  exit 0
+fi
+
 stream_a & a=$!
 stream_b & b=$!
 wait $a; wait $b
 longer
+benchmark_runs
 echo "done: $OUT"

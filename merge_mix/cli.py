@@ -137,7 +137,7 @@ _extrapolate_option = click.option(
 
 
 def _lmeval_options(fn):
-    """lm-eval task options shared by eval and search."""
+    """lm-eval task options shared by eval, search and validate."""
     options = [
         click.option(
             "--tasks",
@@ -698,6 +698,13 @@ def search_cmd(
     metavar="PATTERN",
     help="Merge with these parameters kept at the base, as in eval/search.",
 )
+@click.option(
+    "--objective",
+    default=None,
+    help="Also measure fidelity on this search objective's value (mean_loss, worst_loss, "
+    "target:DOMAIN[:TOLERANCE] or a YAML file, as for search).",
+)
+@_lmeval_options
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print validation.json instead of a table.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -713,6 +720,10 @@ def validate_cmd(
     seed,
     out,
     keep_base,
+    objective,
+    tasks,
+    include_path,
+    limit,
     device,
     as_json,
     quiet,
@@ -723,6 +734,9 @@ def validate_cmd(
     the same evaluator, and report Spearman/Kendall/Pearson with bootstrap intervals, top-25%
     Spearman, regret and gains over the uniform and natural baselines, raw and calibrated.
 
+    With --tasks, proxies and references are also scored on those lm-eval tasks and
+    fidelity is reported on every benchmark metric; with --objective, on that objective.
+
     Fits a calibration of the proxy-minus-real gap and saves it in the pool for
     `eval --calibrated` and `search --calibrated`. Resumable: finished references are reused.
     """
@@ -730,6 +744,7 @@ def validate_cmd(
 
     from merge_mix.validate import format_summary, validate
 
+    task_list, include_path = _task_options(tasks, include_path)
     result = validate(
         pool,
         mixtures=mixtures,
@@ -744,6 +759,10 @@ def validate_cmd(
         out_dir=out,
         reference_tokens=reference_tokens,
         top_picks=top_picks,
+        lmeval_tasks=task_list,
+        lmeval_include=include_path,
+        lmeval_limit=limit,
+        objective=objective,
     )
     click.echo(json.dumps(result, indent=2) if as_json else format_summary(result))
 

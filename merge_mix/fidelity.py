@@ -34,6 +34,8 @@ from merge_mix.errors import MergeMixError
 
 MEAN_TARGET = "mean_loss"
 WORST_TARGET = "worst_loss"
+OBJECTIVE_TARGET = "objective"
+"""A search objective's value as a validation target (lower is better: objectives are minimised)."""
 N_BOOT = 2000
 MIN_MIXTURES = 3
 # Gap forms, simplest first. "linear" and "pairwise" have no intercept column: on the simplex
@@ -250,7 +252,7 @@ def fidelity_table(
     (their labels). `baselines` maps a name ("uniform", "natural") to a mixture index; the
     top-level `capability_recovery` of a target is measured against "uniform" when given.
     `domain_targets` are the targets macro-averaged; by default every target except
-    MEAN_TARGET and WORST_TARGET. All targets share one set of bootstrap resamples (same seed),
+    MEAN_TARGET, WORST_TARGET and OBJECTIVE_TARGET. All targets share one set of bootstrap resamples (same seed),
     and the macro Spearman interval resamples mixtures jointly across domains. The result is
     JSON-serialisable; undefined numbers are None.
     """
@@ -265,7 +267,9 @@ def fidelity_table(
         baselines[name] = _index(i, len(labels), f"baseline {name!r}")
     flags = _flags(higher_is_better, targets)
     if domain_targets is None:
-        domain_targets = [t for t in targets if t not in (MEAN_TARGET, WORST_TARGET)]
+        domain_targets = [
+            t for t in targets if t not in (MEAN_TARGET, WORST_TARGET, OBJECTIVE_TARGET)
+        ]
     for t in domain_targets:
         if t not in targets:
             raise MergeMixError(f"domain target {t!r} has no scores")

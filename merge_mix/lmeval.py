@@ -431,6 +431,8 @@ def _load_tasks(tasks: Sequence[str], include_path) -> dict:
         try:
             with _quiet():
                 loaded = manager.load(list(tasks))
+        except ValueError as exc:  # e.g. a group and one of its members both named
+            raise MergeMixError(f"lm-eval tasks {','.join(tasks)}: {exc}") from None
         finally:
             if bars:
                 datasets.enable_progress_bars()
@@ -442,6 +444,25 @@ def _load_tasks(tasks: Sequence[str], include_path) -> dict:
         _TASK_CACHE.clear()  # a search uses one task set at a time
         _TASK_CACHE[key] = loaded
     return _TASK_CACHE[key]
+
+
+def metric_directions(tasks: Sequence[str], include_path) -> dict[str, bool]:
+    """Whether higher is better, per ``lmeval/<task>/<metric>`` key that `evaluate_tasks` can
+    return for `tasks`, from each task's own ``higher_is_better``. A group's aggregated metric
+    gets its members' direction when they all agree on it."""
+    loaded = _load_tasks(list(tasks), include_path)
+    out: dict[str, bool] = {}
+    by_metric: dict[str, set[bool]] = {}
+    for name, task in loaded["tasks"].items():
+        for metric, higher in (task.higher_is_better() or {}).items():
+            if isinstance(higher, bool):
+                out[f"lmeval/{name}/{metric}"] = higher
+                by_metric.setdefault(metric, set()).add(higher)
+    for name in dict.fromkeys([*loaded.get("groups", {}), *loaded.get("group_map", {})]):
+        for metric, flags in by_metric.items():
+            if len(flags) == 1:
+                out.setdefault(f"lmeval/{name}/{metric}", next(iter(flags)))
+    return out
 
 
 @contextlib.contextmanager

@@ -349,3 +349,125 @@ def test_an_installed_calibration_decides_the_drift_warning(validated, tmp_path)
         assert load_calibration(pool).path == pool / "calibration.json"
     finally:
         (pool / "calibration.json").unlink()
+
+
+def test_fidelity_on_lm_eval_benchmarks_and_an_objective(validated, tmp_path):
+    """With --tasks and --objective, proxies and references are scored on the same lm-eval
+    tasks; each benchmark metric gets its own fidelity row, ranked in its own direction, and
+    the objective is computed from each side's metrics (references reused, none trained)."""
+    from merge_mix.lmeval import evaluate_tasks, make_tasks
+    from merge_mix.model import load_model
+    from merge_mix.objective import load_objective
+    from merge_mix.tokens import load_tokenizer
+
+    pool = validated[0]
+    tasks = tmp_path / "tasks"
+    make_tasks(pool, tasks, max_docs_per_domain=8, n_choices=4, seed=0)
+    objective = _write(
+        tmp_path / "objective.yaml",
+        {
+            "terms": [
+                {"source": "heldout", "metric": "loss", "name": "*"},
+                {"source": "lmeval", "metric": "acc", "name": "*", "direction": "maximize"},
+            ],
+            "constraints": [{"source": "heldout", "metric": "loss", "name": "c", "tolerance": 0.5}],
+        },
+    )
+    before = _weights_mtimes(pool)
+    result = validate(
+        pool,
+        out_dir=tmp_path / "out",
+        lmeval_tasks=["mm_tiny"],
+        lmeval_include=tasks,
+        lmeval_limit=8,
+        objective=objective,
+        **COMMON,
+    )
+    assert [m["status"] for m in result["mixtures"]] == ["reused"] * 6
+    assert _weights_mtimes(pool) == before
+    bench = result["benchmark_targets"]
+    expected = {
+        f"lmeval/mm_tiny_{d}_{k}/{m}"
+        for d in ("code", "c", "prose")
+        for k, metrics in (
+            ("ppl", ("word_perplexity", "byte_perplexity", "bits_per_byte")),
+            ("choice", ("acc", "acc_norm")),
+        )
+        for m in metrics
+    }
+    assert set(bench) == expected
+    table = result["fidelity"]["benchmarks"]
+    assert table["macro"]["targets"] == bench
+    labels = [m["label"] for m in result["mixtures"]]
+    for t in bench:
+        entry = table["targets"][t]
+        higher = t.endswith(("/acc", "/acc_norm"))
+        assert entry["higher_is_better"] is higher, t
+        proxy = np.array([m["proxy"][t] for m in result["mixtures"]])
+        # The proxy's pick is the best proxy score in the metric's own direction.
+        assert (
+            entry["regret"]["pick"] == labels[int(np.argmax(proxy) if higher else np.argmin(proxy))]
+        )
+
+    # References were scored on the same tasks: recompute one independently.
+    ref = next(m for m in result["mixtures"] if m["label"] == "dirichlet:6")
+    tokenizer = load_tokenizer(pool / "tokenizer")
+    model = load_model(pool / "references" / ref["reference"], "cpu")
+    direct = evaluate_tasks(model, tokenizer, ["mm_tiny"], include_path=tasks, limit=8)
+    for t in bench:
+        assert ref["real"][t] == pytest.approx(direct[t], rel=1e-6), t
+    # A one-hot proxy is the component itself.
+    pure = next(m for m in result["mixtures"] if m["label"] == "pure:prose")
+    component = load_model(pool / "components" / "prose", "cpu")
+    direct = evaluate_tasks(component, tokenizer, ["mm_tiny"], include_path=tasks, limit=8)
+    for t in bench:
+        assert pure["proxy"][t] == pytest.approx(direct[t], rel=1e-5), t
+
+    # The objective target is the objective evaluated on each side's own metrics, its
+    # constraint measured against that side's uniform mixture.
+    obj = load_objective(objective)
+    uniform = next(m for m in result["mixtures"] if m["label"] == "uniform")
+    for m in result["mixtures"]:
+        for side in ("proxy", "real"):
+            value = obj.evaluate(m[side], uniform[side]).value
+            assert m[side]["objective"] == pytest.approx(value, abs=1e-9), (m["label"], side)
+    assert "objective" in result["targets"] and result["objective"]["name"] == "objective"
+    for side in ("raw", "calibrated"):
+        assert -1 <= result["fidelity"][side]["targets"]["objective"]["spearman"]["value"] <= 1
+    calibrated = [m["calibrated_loo"]["calibrated/objective"] for m in result["mixtures"]]
+    assert calibrated != [m["proxy"]["objective"] for m in result["mixtures"]]
+
+    out = tmp_path / "out"
+    assert (out / "scatter_benchmarks.png").is_file()
+    markdown = (out / "report.md").read_text()
+    assert "## Fidelity on lm-eval benchmarks (raw proxies)" in markdown
+    assert "macro (benchmarks)" in markdown and "mm_tiny_code_choice/acc" in markdown
+    with (out / "references.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert "real/lmeval/mm_tiny_c_choice/acc" in row and "proxy/objective" in row
+    summary = format_summary(result)
+    assert "lm-eval benchmarks (raw proxies)" in summary and "objective:" in summary
+
+
+def test_bad_tasks_or_objective_fail_before_any_training(validated, tmp_path):
+    from click.testing import CliRunner
+
+    from merge_mix.cli import main
+
+    pool = validated[0]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    runner = CliRunner()
+    for args, expected in (
+        (["--tasks", "mm_nope", "--include-path", str(tasks)], "lm-eval task 'mm_nope' not found"),
+        (["--objective", "target:web"], "domain 'web' is not in the pool"),
+    ):
+        before = sorted((pool / "references").iterdir())
+        res = runner.invoke(main, ["validate", str(pool), "-n", "8", "--quiet", *args])
+        assert res.exit_code != 0
+        message = res.output.strip()
+        assert expected in message and "\n" not in message and "Traceback" not in message
+        assert sorted((pool / "references").iterdir()) == before
+    with pytest.raises(MergeMixError, match="uses lm-eval metrics; name the tasks"):
+        objective = {"terms": [{"source": "lmeval", "metric": "acc", "direction": "maximize"}]}
+        validate(pool, objective=objective, **COMMON)

@@ -20,13 +20,15 @@ trains the references no other process holds and waits for the rest.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from merge_mix.errors import MergeMixError
+from merge_mix.fidelity import MEAN_TARGET, OBJECTIVE_TARGET, WORST_TARGET
+from merge_mix.objective import Objective, load_objective
 from merge_mix.validate import calibrate
 from merge_mix.validate.calibrate import (
     CALIBRATION,
@@ -74,6 +76,10 @@ def validate(
     reference_tokens: int | None = None,
     top_picks: int = 3,
     step_callback: Callable[[str, int], None] | None = None,
+    lmeval_tasks: Sequence[str] = (),
+    lmeval_include: str | Path | None = None,
+    lmeval_limit: int | float | None = None,
+    objective: str | Path | Mapping[str, Any] | Objective | None = None,
 ) -> dict[str, Any]:
     """Train (or reuse) references, score them and their proxies, measure fidelity, calibrate.
 
@@ -88,6 +94,13 @@ def validate(
     about, and the calibration is not installed in the pool). `step_callback(label, step)`
     runs after every training step of a reference (tests use it to simulate a kill).
 
+    `lmeval_tasks` (found under `lmeval_include`, first `lmeval_limit` documents each): score
+    proxies and references on these lm-eval tasks too, and measure fidelity on every metric
+    they report (``lmeval/<task>/<metric>``, direction from the task), in a separate table.
+    `objective` (a preset, YAML file, mapping or `Objective`, as for search): also measure
+    fidelity on that objective's value, raw and with leave-one-out calibrated losses; an
+    objective with constraints gets its baseline mixture added when the set lacks it.
+
     Writes into `out_dir` (default ``<run_dir>/validation`` with a run directory, else
     ``<pool>/validation``) validation.json, references.csv, calibration.json, report.md,
     report.html and the plots, installs the calibration as ``<pool>/calibration.json`` when
@@ -98,13 +111,12 @@ def validate(
     from merge_mix.artifacts import library_versions
     from merge_mix.evaluate import heldout_metrics
     from merge_mix.fidelity import (
-        MEAN_TARGET,
-        WORST_TARGET,
         aggregate_targets,
         fidelity_table,
         fit_calibration,
         loo_fidelity,
     )
+    from merge_mix.lmeval import evaluate_tasks, metric_directions
     from merge_mix.merge import effective_mixture
     from merge_mix.model import load_model
     from merge_mix.pool import Pool
@@ -129,6 +141,15 @@ def validate(
     if heldout_tokens is not None and heldout_tokens <= 0:
         raise MergeMixError(f"heldout_tokens: must be > 0, got {heldout_tokens}")
     general, share = pool.general_mixture(), pool.general_share
+    obj = None
+    if objective is not None:
+        obj = objective if isinstance(objective, Objective) else load_objective(objective, domains)
+        obj.check_domains(domains)
+        if obj.needs_lmeval and not lmeval_tasks:
+            raise MergeMixError("objective: it uses lm-eval metrics; name the tasks with --tasks")
+    lmeval_tasks = list(lmeval_tasks)
+    # Checks the task names (one-line error) before anything is trained.
+    directions = metric_directions(lmeval_tasks, lmeval_include) if lmeval_tasks else {}
 
     # --- which mixtures ---
     picks: Mixtures = search_picks(run_dir, domains, top_picks) if run_dir is not None else []
@@ -138,6 +159,8 @@ def validate(
         chosen = check_mixtures(picks + load_mixtures(mixtures, domains, share, general), domains)
     else:
         chosen = check_mixtures(picks + list(mixtures), domains)
+    if obj is not None and obj.constraints:
+        chosen = _with_baseline(chosen, obj.baseline, domains, pool.natural_mixture())
     plans = []
     for label, w in chosen:
         mix = effective_mixture(w, share, general)
@@ -150,8 +173,34 @@ def validate(
 
     # --- references ---
     scorer = ProxyScorer(
-        pool, device=device, heldout_tokens=heldout_tokens, keep_base=tuple(keep_base)
+        pool,
+        device=device,
+        heldout_tokens=heldout_tokens,
+        keep_base=tuple(keep_base),
+        lmeval_tasks=lmeval_tasks,
+        lmeval_include=lmeval_include,
+        lmeval_limit=lmeval_limit,
     )
+    # --- proxies first: cheap, and a bad objective fails here, before any training ---
+    proxy_metrics, proxy_s = [], []
+    for plan in tqdm(plans, desc="proxies", unit="mixture", disable=not show_progress):
+        proxy_metrics.append(scorer.score(plan.merge_weights))
+        proxy_s.append(scorer.last_cost_s)
+    bench = [k for k in proxy_metrics[0] if k.startswith("lmeval/") and k in directions]
+    undirected = [k for k in proxy_metrics[0] if k.startswith("lmeval/") and k not in directions]
+    labels = [p.label for p in plans]
+    keys = [loss_key(d) for d in domains]
+    loss_targets = [*keys, MEAN_TARGET, WORST_TARGET]
+    proxy = {k: np.array([m[k] for m in proxy_metrics]) for k in keys}
+    proxy.update(aggregate_targets(proxy))
+    obj_baseline = None
+    if obj is not None:
+        obj_baseline = _baselines_by_weights(
+            np.stack([p.merge_weights for p in plans]), domains, pool.natural_mixture()
+        ).get(obj.baseline)
+        proxy[OBJECTIVE_TARGET] = _objective_values(
+            obj, _metric_arrays(proxy_metrics, proxy, loss_targets), obj_baseline
+        )
     train_args = dict(
         spec=spec,
         device=scorer.device,
@@ -171,37 +220,72 @@ def validate(
     for plan in busy:  # held by other processes: wait for them (or finish what they left)
         records[plan.id] = ensure_reference(pool, plan, blocking=True, **train_args)
 
-    # --- scoring: the same evaluator and held-out windows for proxies and references ---
-    proxy_metrics, real_metrics, proxy_s, real_s = [], [], [], []
-    for plan in tqdm(plans, desc="scoring", unit="mixture", disable=not show_progress):
-        proxy_metrics.append(scorer.score(plan.merge_weights))
-        proxy_s.append(scorer.last_cost_s)
+    # --- references: the same evaluator(s) and held-out windows as the proxies ---
+    real_metrics, real_s = [], []
+    for plan in tqdm(plans, desc="scoring", unit="reference", disable=not show_progress):
         t0 = time.perf_counter()
         model = load_model(reference_dir(pool, plan.id), scorer.device)
-        real_metrics.append(
-            heldout_metrics(
-                model, scorer.heldout, scorer.device, scorer.precision, scorer.batch_size
-            )
+        metrics = heldout_metrics(
+            model, scorer.heldout, scorer.device, scorer.precision, scorer.batch_size
         )
+        if lmeval_tasks:
+            metrics.update(
+                evaluate_tasks(
+                    model,
+                    scorer.tokenizer,
+                    lmeval_tasks,
+                    include_path=lmeval_include,
+                    limit=lmeval_limit,
+                    max_length=pool.seq_len,
+                    device=scorer.device,
+                    batch_size=scorer.batch_size,
+                )
+            )
+        real_metrics.append(metrics)
         real_s.append(time.perf_counter() - t0)
         del model
 
     # --- fidelity, raw and leave-one-out calibrated ---
-    labels = [p.label for p in plans]
     weights = np.stack([p.merge_weights for p in plans])
-    keys = [loss_key(d) for d in domains]
-    proxy = {k: np.array([m[k] for m in proxy_metrics]) for k in keys}
     real = {k: np.array([m[k] for m in real_metrics]) for k in keys}
-    proxy.update(aggregate_targets({k: proxy[k] for k in keys}))
-    real.update(aggregate_targets({k: real[k] for k in keys}))
-    targets = [*keys, MEAN_TARGET, WORST_TARGET]
+    real.update(aggregate_targets(real))
     baselines = _baselines_by_weights(weights, domains, pool.natural_mixture())
     common = dict(baselines=baselines, domain_targets=keys, n_boot=n_boot, seed=seed)
-    raw_table = fidelity_table(proxy, real, labels, **common)
-    loo = loo_fidelity(weights, proxy, real, domains, n_boot=n_boot, seed=seed)
-    loo_proxy = {t: np.asarray(loo[t].pop("loo_proxy")) for t in targets}
-    calibrated_table = fidelity_table(loo_proxy, real, labels, **common)
-    calibration = fit_calibration(weights, proxy, real, domains)
+    loo = loo_fidelity(
+        weights,
+        {t: proxy[t] for t in loss_targets},
+        {t: real[t] for t in loss_targets},
+        domains,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    loo_proxy = {t: np.asarray(loo[t].pop("loo_proxy")) for t in loss_targets}
+    targets = list(loss_targets)
+    if obj is not None:
+        targets.append(OBJECTIVE_TARGET)
+        real[OBJECTIVE_TARGET] = _objective_values(
+            obj, _metric_arrays(real_metrics, real, loss_targets), obj_baseline
+        )
+        loo_proxy[OBJECTIVE_TARGET] = _objective_values(
+            obj, _metric_arrays(proxy_metrics, loo_proxy, loss_targets), obj_baseline
+        )
+    raw_table = fidelity_table(proxy, {t: real[t] for t in targets}, labels, **common)
+    calibrated_table = fidelity_table(loo_proxy, {t: real[t] for t in targets}, labels, **common)
+    bench_table = None
+    if bench:
+        bench_table = fidelity_table(
+            {b: np.array([m[b] for m in proxy_metrics]) for b in bench},
+            {b: np.array([m[b] for m in real_metrics]) for b in bench},
+            labels,
+            baselines=baselines,
+            domain_targets=bench,
+            higher_is_better={b: directions[b] for b in bench},
+            n_boot=n_boot,
+            seed=seed,
+        )
+    calibration = fit_calibration(
+        weights, {t: proxy[t] for t in loss_targets}, {t: real[t] for t in loss_targets}, domains
+    )
     drift = pool_drift(pool)
 
     macro = (raw_table["macro"] or {}).get("spearman", {}).get("value")
@@ -209,6 +293,11 @@ def validate(
     holds = fidelity_holds(macro, mean_rho)
     installed = tokens == spec.component_tokens
     warnings = _warnings(raw_table, calibrated_table, drift, holds, tokens, spec.component_tokens)
+    if undirected:
+        warnings.append(
+            f"warning: no direction (higher or lower is better) for {', '.join(undirected)};"
+            " left out of the benchmark table"
+        )
 
     trained = [records[p.id] for p in plans if records[p.id][1] != "reused"]
     recorded_train_s = [records[p.id][0]["wall_time_s"] for p in plans]
@@ -233,8 +322,13 @@ def validate(
             "component_tokens": spec.component_tokens,
             "references_at_component_budget": installed,
             "general_share": share,
+            "lmeval_tasks": lmeval_tasks,
+            "lmeval_include": None if lmeval_include is None else str(lmeval_include),
+            "lmeval_limit": lmeval_limit,
         },
         "targets": targets,
+        "benchmark_targets": bench,
+        "objective": None if obj is None else obj.to_dict(),
         "mixtures": [
             {
                 "label": p.label,
@@ -245,8 +339,11 @@ def validate(
                 else None,
                 "merge_weights": _by_domain(domains, p.merge_weights),
                 "effective_mixture": _by_domain(domains, p.mixture),
-                "proxy": {**proxy_metrics[i], **{t: float(proxy[t][i]) for t in targets[-2:]}},
-                "real": {**real_metrics[i], **{t: float(real[t][i]) for t in targets[-2:]}},
+                "proxy": {
+                    **proxy_metrics[i],
+                    **{t: float(proxy[t][i]) for t in targets[len(keys) :]},
+                },
+                "real": {**real_metrics[i], **{t: float(real[t][i]) for t in targets[len(keys) :]}},
                 "calibrated_loo": {calibrated_key(t): float(loo_proxy[t][i]) for t in targets},
                 "reference_train_s": records[p.id][0]["wall_time_s"],
                 "proxy_score_s": proxy_s[i],
@@ -254,7 +351,7 @@ def validate(
             }
             for i, p in enumerate(plans)
         ],
-        "fidelity": {"raw": raw_table, "calibrated": calibrated_table},
+        "fidelity": {"raw": raw_table, "calibrated": calibrated_table, "benchmarks": bench_table},
         "loo": loo,
         "verdict": {
             "holds": holds,
@@ -264,6 +361,11 @@ def validate(
             "mean_loss_spearman_calibrated": calibrated_table["targets"][MEAN_TARGET]["spearman"][
                 "value"
             ],
+            "objective_spearman": _rho(raw_table, OBJECTIVE_TARGET),
+            "objective_spearman_calibrated": _rho(calibrated_table, OBJECTIVE_TARGET),
+            "benchmark_macro_spearman": None
+            if bench_table is None
+            else bench_table["macro"]["spearman"]["value"],
         },
         "calibration": {
             "installed": str(pool.path / CALIBRATION) if installed else None,
@@ -296,7 +398,7 @@ def validate(
         "heldout_tokens": heldout_tokens,
         "reference_tokens": tokens,
         "component_tokens": spec.component_tokens,
-        "keys": {t: calibrated_key(t) for t in targets},
+        "keys": {t: calibrated_key(t) for t in loss_targets},
         "references": [
             {"id": p.id, "label": p.label, "merge_weights": _by_domain(domains, p.merge_weights)}
             for p in plans
@@ -304,7 +406,7 @@ def validate(
         "calibration": calibration.to_dict(),
         "loo": {
             t: {side: loo[t][side] for side in ("raw", "calibrated")} | {"forms": loo[t]["forms"]}
-            for t in targets
+            for t in loss_targets
         },
         "drift": drift,
         "fidelity": result["verdict"],
@@ -328,6 +430,51 @@ def _baselines_by_weights(
         if hits.size:
             out[name] = int(hits[0])
     return out
+
+
+def _with_baseline(
+    chosen: Mixtures, baseline: str, domains: Sequence[str], natural: np.ndarray
+) -> Mixtures:
+    """`chosen`, plus the objective's baseline mixture (its constraints compare against it)
+    when no mixture of the set has its weights."""
+    target = np.full(len(domains), 1.0 / len(domains)) if baseline == "uniform" else natural
+    if any(np.abs(w - target).max() < 1e-6 for _, w in chosen):
+        return chosen
+    taken = {label for label, _ in chosen}
+    label = baseline if baseline not in taken else f"{baseline} (objective baseline)"
+    return [*chosen, (label, np.asarray(target, dtype=np.float64))]
+
+
+def _metric_arrays(
+    metrics: Sequence[Mapping[str, float]],
+    losses: Mapping[str, np.ndarray],
+    loss_targets: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Every metric as an array over mixtures, the way an objective reads them, with the
+    loss targets taken from `losses` (raw, real or calibrated): per-domain losses under
+    their own keys, and every loss target under its ``calibrated/...`` key too."""
+    arrays = {k: np.array([m[k] for m in metrics]) for k in metrics[0]}
+    for t in loss_targets:
+        if t.startswith("heldout/"):
+            arrays[t] = np.asarray(losses[t])
+        arrays[calibrated_key(t)] = np.asarray(losses[t])
+    return arrays
+
+
+def _objective_values(
+    objective: Objective, arrays: Mapping[str, np.ndarray], baseline: int | None
+) -> np.ndarray:
+    """The objective (lower is better) of every mixture; constraints compare with the
+    baseline mixture's own metrics on the same side (proxy, calibrated or real)."""
+    base = None
+    if objective.constraints and baseline is not None:
+        base = {k: float(v[baseline]) for k, v in arrays.items()}
+    return np.asarray(objective.evaluate(arrays, base).value, dtype=np.float64)
+
+
+def _rho(table: Mapping[str, Any], target: str) -> float | None:
+    entry = table["targets"].get(target)
+    return None if entry is None else entry["spearman"]["value"]
 
 
 def _by_domain(domains: Sequence[str], values: np.ndarray) -> dict[str, float]:

@@ -31,7 +31,13 @@ import numpy as np
 
 from merge_mix.artifacts import read_json
 from merge_mix.errors import MergeMixError
-from merge_mix.fidelity import MEAN_TARGET, WORST_TARGET, Calibration, relative_drift
+from merge_mix.fidelity import (
+    MEAN_TARGET,
+    OBJECTIVE_TARGET,
+    WORST_TARGET,
+    Calibration,
+    relative_drift,
+)
 
 FORMAT = "merge-mix-calibration"
 FORMAT_VERSION = 1
@@ -46,7 +52,10 @@ def loss_key(domain: str) -> str:
 
 
 def calibrated_key(target: str) -> str:
-    """The metric name a calibrated target is reported under."""
+    """The metric name a calibrated target is reported under (a validation's objective
+    target, computed from calibrated losses, is ``calibrated/objective``)."""
+    if target == OBJECTIVE_TARGET:
+        return "calibrated/objective"
     if target.startswith("heldout/"):
         return "calibrated/" + target.removeprefix("heldout/")
     return f"calibrated/{target.removesuffix('_loss')}/loss"

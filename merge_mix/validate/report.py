@@ -7,6 +7,7 @@ Files written into the output directory (each atomically):
   calibration.json         the calibration fitted on these references (see calibrate.py)
   report.md, report.html   the same sections; the HTML embeds its plots as base64 PNG
   scatter_*.png            proxy vs real per target, raw and leave-one-out calibrated
+  scatter_benchmarks.png   proxy vs real for every lm-eval metric (with --tasks)
   gap_vs_entropy.png       proxy-minus-real mean loss against the entropy of the merge weights
 
 The report says in words where fidelity is weak. Plots use matplotlib's Agg canvas.
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from merge_mix.artifacts import write_atomic, write_json_atomic
-from merge_mix.fidelity import MEAN_TARGET, mixture_entropy
+from merge_mix.fidelity import MEAN_TARGET, OBJECTIVE_TARGET, mixture_entropy
 from merge_mix.report import render_html, render_markdown
 from merge_mix.validate.calibrate import FIDELITY_HOLDS, calibrated_key
 from merge_mix.validate.summary import (
@@ -50,9 +51,25 @@ def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, A
             f"{n} reference models, each trained from the pool's base on the data mixture its"
             f" merge weights stand for ({s['reference_tokens']:,} tokens each, {budget}), and"
             f" the merged proxies of the same weights, scored by the same evaluator on the same"
-            f" held-out windows ({heldout} tokens per domain).",
+            f" held-out windows ({heldout} tokens per domain)"
+            + (
+                f" and lm-eval tasks {', '.join(s['lmeval_tasks'])}"
+                + ("" if s["lmeval_limit"] is None else f" (first {s['lmeval_limit']} documents)")
+                if s.get("lmeval_tasks")
+                else ""
+            )
+            + ".",
         )
     ]
+    if result.get("objective"):
+        blocks.append(
+            (
+                "p",
+                f"The target `objective` is the search objective `{result['objective']['name']}`"
+                " (lower is better) computed from each side's metrics; its calibrated proxy"
+                " replaces every loss by its leave-one-out calibrated value.",
+            )
+        )
     if v["holds"]:
         blocks.append(
             (
@@ -97,13 +114,33 @@ def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, A
             result["calibration"]["fit"]["targets"][t]["form"],
         ]
         for t in targets
+        if t in result["loo"]
     ]
     blocks.append(
         ("table", (["target", "RMSE raw", "RMSE calibrated (LOO)", "gap form (all refs)"], rmse))
     )
 
+    bench = result["fidelity"].get("benchmarks")
+    if bench:
+        blocks.append(("h2", "Fidelity on lm-eval benchmarks (raw proxies)"))
+        blocks.append(
+            (
+                "p",
+                "Every metric the tasks report, its direction (higher or lower is better) taken"
+                " from the task; the macro row averages over all of them. Calibration models"
+                " losses only, so these proxies are raw.",
+            )
+        )
+        rows = fidelity_rows(bench, result["benchmark_targets"], "macro (benchmarks)")
+        blocks.append(("table", (FIDELITY_HEADER, rows)))
+        blocks.append(("img", "scatter_benchmarks.png"))
+
     blocks.append(("h2", "Proxy against real, per target"))
-    blocks += [("img", name) for name in images if name.startswith("scatter_")]
+    blocks += [
+        ("img", name)
+        for name in images
+        if name.startswith("scatter_") and name != "scatter_benchmarks.png"
+    ]
     blocks.append(("h2", "Gap against mixture entropy"))
     blocks.append(("img", "gap_vs_entropy.png"))
 
@@ -195,10 +232,35 @@ def plot_scatter(result: Mapping[str, Any], target: str, path: Path) -> bytes:
     if len(ms) <= 20:
         for m, x, y in zip(ms, real, raw, strict=True):
             ax.annotate(m["label"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("real held-out loss (reference model)")
-    ax.set_ylabel("proxy held-out loss (merged)")
+    what = "objective" if target == OBJECTIVE_TARGET else "held-out loss"
+    ax.set_xlabel(f"real {what} (reference model)")
+    ax.set_ylabel(f"proxy {what} (merged)")
     ax.set_title(target_name(target))
     ax.legend(fontsize=7)
+    return _png(fig, path)
+
+
+def plot_benchmarks(result: Mapping[str, Any], path: Path) -> bytes:
+    """Raw proxy against real for every lm-eval metric, one small panel each."""
+    targets, ms = result["benchmark_targets"], result["mixtures"]
+    table = result["fidelity"]["benchmarks"]["targets"]
+    cols = min(4, len(targets))
+    rows = -(-len(targets) // cols)
+    fig = _figure(3.2 * cols, 2.9 * rows)
+    for i, t in enumerate(targets):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        real = np.array([m["real"][t] for m in ms])
+        proxy = np.array([m["proxy"][t] for m in ms])
+        lo, hi = float(min(real.min(), proxy.min())), float(max(real.max(), proxy.max()))
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=1)
+        ax.scatter(real, proxy, s=14)
+        arrow = "higher" if table[t]["higher_is_better"] else "lower"
+        rho = num(table[t]["spearman"]["value"])
+        ax.set_title(f"{target_name(t)}\n({arrow} is better; Spearman {rho})", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("real", fontsize=7)
+        ax.set_ylabel("proxy", fontsize=7)
     return _png(fig, path)
 
 
@@ -228,6 +290,8 @@ def _csv(result: Mapping[str, Any]) -> str:
     header += [f"merge_weights/{d}" for d in domains] + [f"effective_mixture/{d}" for d in domains]
     header += [f"proxy/{t}" for t in targets] + [f"real/{t}" for t in targets]
     header += [f"calibrated_loo/{t}" for t in targets]
+    bench = result.get("benchmark_targets", [])
+    header += [f"proxy/{t}" for t in bench] + [f"real/{t}" for t in bench]
     header += ["reference_train_s", "proxy_score_s"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -240,6 +304,8 @@ def _csv(result: Mapping[str, Any]) -> str:
             + [m["proxy"][t] for t in targets]
             + [m["real"][t] for t in targets]
             + [m["calibrated_loo"][calibrated_key(t)] for t in targets]
+            + [m["proxy"][t] for t in bench]
+            + [m["real"][t] for t in bench]
             + [m["reference_train_s"], m["proxy_score_s"]]
         )
     return buf.getvalue()
@@ -258,6 +324,10 @@ def write_outputs(
     for t in result["targets"]:
         name = f"scatter_{'domain_' + target_name(t) if t.startswith('heldout/') else t}.png"
         images[name] = plot_scatter(result, t, out_dir / name)
+    if result.get("benchmark_targets"):
+        images["scatter_benchmarks.png"] = plot_benchmarks(
+            result, out_dir / "scatter_benchmarks.png"
+        )
     images["gap_vs_entropy.png"] = plot_gap_entropy(result, out_dir / "gap_vs_entropy.png")
     result["files"] = {
         "validation": str(out_dir / "validation.json"),

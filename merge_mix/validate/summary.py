@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from merge_mix.fidelity import MEAN_TARGET, WORST_TARGET
+from merge_mix.fidelity import MEAN_TARGET, OBJECTIVE_TARGET, WORST_TARGET
 from merge_mix.validate.calibrate import FIDELITY_HOLDS
 
 WEAK_CI = 0.5
@@ -17,11 +17,16 @@ REGRET_TOLERANCE = 0.01
 
 
 def target_name(target: str) -> str:
-    """How a target reads in tables: the domain, "mean loss" or "worst domain"."""
+    """How a target reads in tables: the domain, "mean loss", "worst domain", "objective", or
+    an lm-eval metric as ``<task>/<metric>``."""
     if target == MEAN_TARGET:
         return "mean loss"
     if target == WORST_TARGET:
         return "worst domain"
+    if target == OBJECTIVE_TARGET:
+        return "objective"
+    if target.startswith("lmeval/"):
+        return target.removeprefix("lmeval/")
     return target.split("/")[1]
 
 
@@ -40,12 +45,20 @@ def _gain(entry: Mapping[str, Any], name: str) -> str:
     return "n/a" if g is None or g["gain"] is None else f"{g['gain']:+.4f}"
 
 
+def _raw_entries(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(target, raw fidelity entry) for the loss targets, the objective and the benchmarks."""
+    out = [(t, result["fidelity"]["raw"]["targets"][t]) for t in result["targets"]]
+    bench = result["fidelity"].get("benchmarks")
+    if bench:
+        out += [(t, bench["targets"][t]) for t in result.get("benchmark_targets", [])]
+    return out
+
+
 def weak_points(result: Mapping[str, Any]) -> list[str]:
     """Plain sentences on where raw fidelity is weak, and what calibration does about it."""
-    raw = result["fidelity"]["raw"]
     out = []
-    for t in result["targets"]:
-        e, name = raw["targets"][t], target_name(t)
+    for t, e in _raw_entries(result):
+        name = target_name(t)
         rho = e["spearman"]
         if rho["value"] is None:
             out.append(f"{name}: Spearman is undefined ({rho['reason']}).")
@@ -68,6 +81,13 @@ def weak_points(result: Mapping[str, Any]) -> list[str]:
                 f"{name}: the proxy's pick ({e['regret']['pick']}) is {rel:.1%} worse than the"
                 f" best reference ({e['regret']['best']})."
             )
+    bench = result["fidelity"].get("benchmarks")
+    if bench and bench["macro"]:
+        rho = bench["macro"]["spearman"]
+        if rho["value"] is not None and rho["value"] < FIDELITY_HOLDS:
+            out.append(
+                f"Benchmarks: proxies rank weakly on lm-eval metrics, macro Spearman {ci(rho)}."
+            )
     verdict = result["verdict"]
     raw_mean, cal_mean = verdict["mean_loss_spearman"], verdict["mean_loss_spearman_calibrated"]
     if raw_mean is not None and cal_mean is not None:
@@ -84,7 +104,9 @@ def weak_points(result: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def fidelity_rows(table: Mapping[str, Any], targets: list[str]) -> list[list[str]]:
+def fidelity_rows(
+    table: Mapping[str, Any], targets: list[str], macro_label: str = "macro (domains)"
+) -> list[list[str]]:
     rows = []
     for t in targets:
         e = table["targets"][t]
@@ -107,7 +129,7 @@ def fidelity_rows(table: Mapping[str, Any], targets: list[str]) -> list[list[str
     if macro:
         rows.append(
             [
-                "macro (domains)",
+                macro_label,
                 ci(macro["spearman"]),
                 num(macro["kendall"]),
                 num(macro["pearson"]),
@@ -158,20 +180,29 @@ def format_summary(result: Mapping[str, Any]) -> str:
         + ", ".join(f"{d} {x:.4f}" for d, x in result["drift"]["components"].items()),
         "",
     ]
+    if result.get("objective"):
+        lines.insert(-1, f"objective: {result['objective']['name']} (lower is better)")
+    bench = result["fidelity"].get("benchmarks")
+    sides = [
+        ("raw proxies", result["fidelity"]["raw"], result["targets"]),
+        ("calibrated proxies (leave-one-out)", result["fidelity"]["calibrated"], result["targets"]),
+    ]
+    if bench:
+        sides.append(
+            ("lm-eval benchmarks (raw proxies)", bench, result.get("benchmark_targets", []))
+        )
+    width = max(16, *(len(target_name(t)) + 1 for _, _, ts in sides for t in ts))
     header = (
-        f"{'target':<16}{'Spearman [95% CI]':<22}{'Kendall':>8}{'Pearson':>8}{'top25%':>8}"
+        f"{'target':<{width}}{'Spearman [95% CI]':<22}{'Kendall':>8}{'Pearson':>8}{'top25%':>8}"
         f"{'regret':>9}{'rel':>8}{'vs uniform':>12}"
     )
-    for side, title in (
-        ("raw", "raw proxies"),
-        ("calibrated", "calibrated proxies (leave-one-out)"),
-    ):
-        table = result["fidelity"][side]
+    for title, table, targets in sides:
         lines += [title, header]
-        for row in fidelity_rows(table, result["targets"]):
+        macro = "macro (benchmarks)" if table is bench else "macro (domains)"
+        for row in fidelity_rows(table, targets, macro):
             name, rho, kendall, pearson, top, regret, rel, _, vs_uniform, _ = row
             lines.append(
-                f"{name[:15]:<16}{rho:<22}{kendall.split(' ')[0]:>8}{pearson.split(' ')[0]:>8}"
+                f"{name:<{width}}{rho:<22}{kendall.split(' ')[0]:>8}{pearson.split(' ')[0]:>8}"
                 f"{top:>8}{regret:>9}{rel:>8}{vs_uniform:>12}"
             )
         lines.append("")
