@@ -6,6 +6,7 @@ Not runnable on its own; the ``bench_*.py`` scripts import it (it sits beside th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -13,7 +14,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -178,3 +179,35 @@ def make_components(root: Path, size: str, k: int, seed: int, scale: float = 0.0
         base.save_pretrained(str(root / name), safe_serialization=True)
         components[name] = root / name
     return {"base": root / "base", "components": components, "parameters": n_params}
+
+
+MERGE_WEIGHTS = (0.4, 0.3, 0.2, 0.1)
+"""The merge benchmarks' weights over their K = 4 synthetic components."""
+
+
+@contextlib.contextmanager
+def synthetic_pool(args, prefix: str) -> Iterator[dict]:
+    """The merge benchmarks' setup: torch threads from ``--threads``, then a temporary
+    directory holding `make_components` of size ``--small``/full with K = len(MERGE_WEIGHTS)
+    components seeded by ``--seed``. Yields make_components' dict plus ``weights`` (numpy),
+    ``k``, ``size`` and ``build_s``; the directory is removed afterwards."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    k, size = len(MERGE_WEIGHTS), "small" if args.small else "full"
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        t0 = time.perf_counter()
+        made = make_components(Path(tmp), size, k, args.seed)
+        n_params = made["parameters"]
+        print(f"model: Llama ({size}) with {n_params:,} parameters per model, K = {k} components")
+        yield {
+            **made,
+            "weights": np.array(MERGE_WEIGHTS),
+            "k": k,
+            "size": size,
+            "build_s": time.perf_counter() - t0,
+        }

@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_components, median_time, print_header, timed, write_json  # noqa: E402
+from _common import median_time, print_header, synthetic_pool, timed, write_json  # noqa: E402
 
 
 def resident_vs_copy(made: dict, weights, repeat: int) -> dict:
@@ -77,22 +76,13 @@ def resident_vs_copy(made: dict, weights, repeat: int) -> dict:
 
 
 def run(args: argparse.Namespace, header: dict) -> dict:
-    import numpy as np
     import torch
 
     from merge_mix.merge import Merger
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    k = 4
-    weights = np.array([0.4, 0.3, 0.2, 0.1])
-    size = "small" if args.small else "full"
-    with tempfile.TemporaryDirectory(prefix="bench_merge_") as tmp:
-        t0 = time.perf_counter()
-        made = make_components(Path(tmp), size, k, args.seed)
-        n_params = made["parameters"]
-        print(f"model: Llama ({size}) with {n_params:,} parameters per model, K = {k} components")
-        print(f"built and saved base + {k} components in {time.perf_counter() - t0:.1f} s")
+    with synthetic_pool(args, "bench_merge_") as made:
+        weights, k, size, n_params = made["weights"], made["k"], made["size"], made["parameters"]
+        print(f"built and saved base + {k} components in {made['build_s']:.1f} s")
 
         res = resident_vs_copy(made, weights, args.repeat)
         assert res["stacked"] == (k + 1) * n_params, "every parameter should be merged"

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_components, median_time, print_header, write_json  # noqa: E402
+from _common import median_time, print_header, synthetic_pool, write_json  # noqa: E402
 
 TOLERANCE = 1e-6
 
@@ -45,15 +44,8 @@ def run(args: argparse.Namespace, header: dict) -> dict:
 
     from merge_mix.merge import Merger
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    k = 4
-    weights = np.array([0.4, 0.3, 0.2, 0.1])
-    size = "small" if args.small else "full"
-    with tempfile.TemporaryDirectory(prefix="bench_mergekit_") as tmp:
-        made = make_components(Path(tmp), size, k, args.seed)
-        n_params = made["parameters"]
-        print(f"model: Llama ({size}) with {n_params:,} parameters per model, K = {k} components")
+    with synthetic_pool(args, "bench_mergekit_") as made:
+        weights, k, size, n_params = made["weights"], made["k"], made["size"], made["parameters"]
         t0 = time.perf_counter()
         merger = Merger(made["base"], made["components"])
         construct_s = time.perf_counter() - t0

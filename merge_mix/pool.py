@@ -322,15 +322,9 @@ def _train_member(
     show_progress: bool,
 ) -> dict:
     """Train one pool member (base or component) in `work/<name>` and save it to `out_dir`."""
-    from merge_mix.model import (
-        build_model,
-        count_parameters,
-        load_model,
-        save_model,
-        weights_sha256,
-    )
-    from merge_mix.tokens import MixtureSampler, Shard, special_ids
-    from merge_mix.train import init_distributed, train_model
+    from merge_mix.model import build_model, count_parameters, load_model
+    from merge_mix.tokens import special_ids
+    from merge_mix.train import commit_model, init_distributed, stage_model, train_on_shards
 
     rank, world = init_distributed()
     bos, eos = special_ids(tokenizer)
@@ -339,20 +333,16 @@ def _train_member(
     else:
         model = load_model(init_from)
     model.to(device)
-    streams = {
-        d: Shard.open(pool_dir / "data" / d, "train").tokens for d in mixture if mixture[d] > 0
-    }
-    sampler = MixtureSampler(streams, mixture, spec.model.seq_len, spec.seed * 1000 + seed_offset)
-    domains = list(data["domains"])
-    heldout = _heldout_set(pool_dir, domains, spec, bos)
-    workdir = pool_dir / "work" / name
-    result = train_model(
+    heldout = _heldout_set(pool_dir, list(data["domains"]), spec, bos)
+    result = train_on_shards(
         model,
-        sampler,
+        pool_dir / "data",
+        mixture,
+        spec.seed * 1000 + seed_offset,
         spec.training,
         total_tokens,
         spec.model.seq_len,
-        workdir,
+        pool_dir / "work" / name,
         device,
         heldout=heldout,
         desc=name,
@@ -361,10 +351,7 @@ def _train_member(
     )
     if rank != 0:
         return {}
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    tokenizer.save_pretrained(str(tmp))  # a complete HF model directory on its own
+    tmp = stage_model(model, out_dir, tokenizer)  # a complete HF model directory on its own
     losses = _record_losses(model, heldout, device, spec.training.precision)
     epochs = {
         d: round(result.domain_tokens.get(d, 0) / data["domains"][d]["train"]["tokens"], 4)
@@ -391,26 +378,20 @@ def _train_member(
         "versions": library_versions(),
         "history": result.history,
     }
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    record["sha256"] = weights_sha256(out_dir)
+    record["sha256"] = commit_model(tmp, out_dir)
     return record
 
 
 def _build_base(spec, pool_dir, data, tokenizer, general, device, step_callback, show_progress):
-    from merge_mix.model import count_parameters, load_model, save_model, weights_sha256
+    from merge_mix.model import count_parameters, load_model
     from merge_mix.tokens import special_ids
+    from merge_mix.train import commit_model, stage_model
 
     base_dir = pool_dir / "base"
     if spec.model.pretrained is not None:
         _log(f"[{spec.name}] copying pretrained base from {spec.model.pretrained}")
         model = load_model(spec.model.pretrained, device)
-        tmp = pool_dir / "base.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tmp)
-        tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(base_dir, ignore_errors=True)
-        tmp.rename(base_dir)
+        sha256 = commit_model(stage_model(model, base_dir, tokenizer), base_dir)
         heldout = _heldout_set(pool_dir, list(data["domains"]), spec, special_ids(tokenizer)[0])
         record = {
             "path": "base",
@@ -419,7 +400,7 @@ def _build_base(spec, pool_dir, data, tokenizer, general, device, step_callback,
             "heldout": _record_losses(model, heldout, device, spec.training.precision),
             "versions": library_versions(),
         }
-        record["sha256"] = weights_sha256(base_dir)
+        record["sha256"] = sha256
     else:
         record = _train_member(
             spec, pool_dir, "base", base_dir, None, general, spec.training.base_tokens,

@@ -283,3 +283,62 @@ def train_model(
         final_train_loss=float(state["last_loss"]),
         history=state["history"],
     )
+
+
+def train_on_shards(
+    model,
+    data_dir: Path,
+    mixture: dict[str, float],
+    seed: int,
+    spec: TrainingSpec,
+    total_tokens: int,
+    seq_len: int,
+    workdir: Path,
+    device: torch.device,
+    heldout: HeldoutSet | None = None,
+    desc: str = "train",
+    step_callback: Callable[[int], None] | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """`train_model` on the training shards under `data_dir` (``<data_dir>/<domain>/train``),
+    drawn in the proportions of `mixture` by a `MixtureSampler` seeded with `seed`: how
+    a pool trains its base, its components and its reference models."""
+    from merge_mix.tokens import Shard
+
+    streams = {d: Shard.open(data_dir / d, "train").tokens for d, p in mixture.items() if p > 0}
+    sampler = MixtureSampler(streams, mixture, seq_len, seed)
+    return train_model(
+        model,
+        sampler,
+        spec,
+        total_tokens,
+        seq_len,
+        workdir,
+        device,
+        heldout=heldout,
+        desc=desc,
+        step_callback=step_callback,
+        show_progress=show_progress,
+    )
+
+
+def stage_model(model, out_dir: Path, tokenizer=None) -> Path:
+    """Save `model` (and `tokenizer`, making a complete HF model directory) next to
+    `out_dir` as ``<out_dir>.tmp``; `commit_model` moves it into place."""
+    from merge_mix.model import save_model
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    return tmp
+
+
+def commit_model(tmp: Path, out_dir: Path) -> str:
+    """Replace `out_dir` by the staged `tmp` directory and return its weights' sha256."""
+    from merge_mix.model import weights_sha256
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return weights_sha256(out_dir)

@@ -128,6 +128,8 @@ def test_proxies_and_references_are_scored_by_the_same_evaluator(validated):
         assert record["heldout_tokens"] == HELDOUT
         for key, value in record["heldout"].items():
             assert m["real"][key] == pytest.approx(value, abs=2e-6), (m["label"], key)
+        # A complete HF model directory, tokenizer included, like base and components.
+        assert (pool / "references" / m["reference"] / "tokenizer.json").is_file()
     drift = result["drift"]["components"]
     assert set(drift) == {"code", "c", "prose"} and all(0 < x < 1 for x in drift.values())
     assert result["drift"]["max"] == max(drift.values())

@@ -148,13 +148,11 @@ def ensure_reference(
 
 def _train(pool, plan, spec, device, heldout, precision, step_callback, show_progress) -> dict:
     from merge_mix.evaluate import heldout_metrics
-    from merge_mix.model import count_parameters, load_model, save_model, weights_sha256
-    from merge_mix.tokens import MixtureSampler, Shard
-    from merge_mix.train import train_model
+    from merge_mix.model import count_parameters, load_model
+    from merge_mix.tokens import load_tokenizer
+    from merge_mix.train import commit_model, stage_model, train_on_shards
 
     mixture = {d: float(p) for d, p in zip(pool.domains, plan.mixture, strict=True) if p > 0}
-    streams = {d: Shard.open(pool.data_dir / d, "train").tokens for d in mixture}
-    sampler = MixtureSampler(streams, mixture, pool.seq_len, data_seed(pool))
     workdir = pool.path / "work" / f"ref-{plan.id}"
     resumed_from = 0
     for name in ("checkpoint", "checkpoint.old"):
@@ -167,9 +165,11 @@ def _train(pool, plan, spec, device, heldout, precision, step_callback, show_pro
         f" ({plan.label})" + (f" from step {resumed_from}" if resumed_from else "")
     )
     model = load_model(pool.base_dir, device)
-    result = train_model(
+    result = train_on_shards(
         model,
-        sampler,
+        pool.data_dir,
+        mixture,
+        data_seed(pool),
         spec,
         plan.tokens,
         pool.seq_len,
@@ -181,9 +181,8 @@ def _train(pool, plan, spec, device, heldout, precision, step_callback, show_pro
         show_progress=show_progress,
     )
     out_dir = reference_dir(pool, plan.id)
-    tmp = out_dir.with_name(f"{plan.id}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
+    # With the tokenizer, like base and components: a complete HF model directory on its own.
+    tmp = stage_model(model, out_dir, load_tokenizer(pool.tokenizer_dir))
     metrics = heldout_metrics(model, heldout, device, precision)
     available = dict(zip(pool.domains, pool.available_tokens().tolist(), strict=True))
     record = {
@@ -217,9 +216,7 @@ def _train(pool, plan, spec, device, heldout, precision, step_callback, show_pro
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": library_versions(),
     }
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    record["sha256"] = weights_sha256(out_dir)
+    record["sha256"] = commit_model(tmp, out_dir)
     write_json_atomic(out_dir / RECORD, record)
     shutil.rmtree(workdir, ignore_errors=True)
     return record
