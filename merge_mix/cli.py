@@ -702,7 +702,8 @@ def search_cmd(
     "--objective",
     default=None,
     help="Also measure fidelity on this search objective's value (mean_loss, worst_loss, "
-    "target:DOMAIN[:TOLERANCE] or a YAML file, as for search).",
+    "target:DOMAIN[:TOLERANCE] or a YAML file, as for search). Default with --run-dir: "
+    "the search's own objective.",
 )
 @_lmeval_options
 @click.option("--device", default="auto", show_default=True)

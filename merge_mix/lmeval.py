@@ -39,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -462,6 +463,19 @@ def metric_directions(tasks: Sequence[str], include_path) -> dict[str, bool]:
         for metric, flags in by_metric.items():
             if len(flags) == 1:
                 out.setdefault(f"lmeval/{name}/{metric}", next(iter(flags)))
+    return out
+
+
+def task_sizes(tasks: Sequence[str], include_path, limit: int | float | None = None) -> dict:
+    """Documents each task of `tasks` evaluates under lm-eval's `limit` (the first N, or a
+    fraction if < 1), by task name."""
+    loaded = _load_tasks(list(tasks), include_path)
+    out = {}
+    for name, task in loaded["tasks"].items():
+        n = len(task.eval_docs)
+        if limit is not None:
+            n = min(n, math.ceil(n * limit) if limit < 1 else int(limit))
+        out[name] = n
     return out
 
 

@@ -406,6 +406,17 @@ def test_fidelity_on_lm_eval_benchmarks_and_an_objective(validated, tmp_path):
         higher = t.endswith(("/acc", "/acc_norm"))
         assert entry["higher_is_better"] is higher, t
         proxy = np.array([m["proxy"][t] for m in result["mixtures"]])
+        # Proportions get their binomial resolution on the items scored (--limit 8).
+        res = entry["resolution"]
+        if higher:
+            real = np.array([m["real"][t] for m in result["mixtures"]])
+            p = real.mean()
+            assert res["items"] == 8
+            assert res["standard_error"] == pytest.approx(math.sqrt(p * (1 - p) / 8))
+            assert res["real_spread"] == pytest.approx(real.max() - real.min())
+            assert res["resolved"] is (res["real_spread"] >= 4 * res["standard_error"])
+        else:
+            assert res is None
         # The proxy's pick is the best proxy score in the metric's own direction.
         assert (
             entry["regret"]["pick"] == labels[int(np.argmax(proxy) if higher else np.argmin(proxy))]
@@ -449,6 +460,13 @@ def test_fidelity_on_lm_eval_benchmarks_and_an_objective(validated, tmp_path):
     assert "real/lmeval/mm_tiny_c_choice/acc" in row and "proxy/objective" in row
     summary = format_summary(result)
     assert "lm-eval benchmarks (raw proxies)" in summary and "objective:" in summary
+    unresolved = [
+        t for t in bench if (table["targets"][t]["resolution"] or {}).get("resolved") is False
+    ]
+    assert all(
+        f"{t.removeprefix('lmeval/')}: the references' real scores span" in summary
+        for t in unresolved
+    )
 
 
 def test_bad_tasks_or_objective_fail_before_any_training(validated, tmp_path):
@@ -473,3 +491,28 @@ def test_bad_tasks_or_objective_fail_before_any_training(validated, tmp_path):
     with pytest.raises(MergeMixError, match="uses lm-eval metrics; name the tasks"):
         objective = {"terms": [{"source": "lmeval", "metric": "acc", "direction": "maximize"}]}
         validate(pool, objective=objective, **COMMON)
+
+
+def test_a_search_run_lends_its_objective(validated, tmp_path):
+    from merge_mix.objective import load_objective
+
+    pool = validated[0]
+    run = tmp_path / "run"
+    run.mkdir()
+    domains = ["code", "c", "prose"]
+    best = {"domains": domains, "merge_weights": {"code": 1.0, "c": 0.0, "prose": 0.0}}
+    (run / "best.json").write_text(json.dumps(best))
+    record = {"objective": load_objective("worst_loss", domains).to_dict()}
+    (run / "run.json").write_text(json.dumps(record))
+    result = validate(pool, run_dir=run, top_picks=1, **COMMON)
+    assert result["mixtures"][0]["label"] == "search:best"
+    assert result["objective"]["name"] == "worst_loss"
+    for m in result["mixtures"]:
+        for side in ("proxy", "real"):
+            assert m[side]["objective"] == pytest.approx(m[side]["worst_loss"], abs=1e-12)
+    assert (run / "validation" / "report.md").is_file()
+    # A run whose objective reads lm-eval metrics needs the tasks named.
+    lmeval = {"terms": [{"source": "lmeval", "metric": "acc", "direction": "maximize"}]}
+    (run / "run.json").write_text(json.dumps({"objective": lmeval}))
+    with pytest.raises(MergeMixError, match=r"search's objective .*name the tasks with --tasks"):
+        validate(pool, run_dir=run, top_picks=1, **COMMON)

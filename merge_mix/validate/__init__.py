@@ -97,9 +97,10 @@ def validate(
     `lmeval_tasks` (found under `lmeval_include`, first `lmeval_limit` documents each): score
     proxies and references on these lm-eval tasks too, and measure fidelity on every metric
     they report (``lmeval/<task>/<metric>``, direction from the task), in a separate table.
-    `objective` (a preset, YAML file, mapping or `Objective`, as for search): also measure
-    fidelity on that objective's value, raw and with leave-one-out calibrated losses; an
-    objective with constraints gets its baseline mixture added when the set lacks it.
+    `objective` (a preset, YAML file, mapping or `Objective`, as for search; by default the
+    objective recorded in `run_dir`'s run.json): also measure fidelity on that objective's
+    value, raw and with leave-one-out calibrated losses; an objective with constraints gets
+    its baseline mixture added when the set lacks it.
 
     Writes into `out_dir` (default ``<run_dir>/validation`` with a run directory, else
     ``<pool>/validation``) validation.json, references.csv, calibration.json, report.md,
@@ -116,7 +117,7 @@ def validate(
         fit_calibration,
         loo_fidelity,
     )
-    from merge_mix.lmeval import evaluate_tasks, metric_directions
+    from merge_mix.lmeval import evaluate_tasks, metric_directions, task_sizes
     from merge_mix.merge import effective_mixture
     from merge_mix.model import load_model
     from merge_mix.pool import Pool
@@ -141,12 +142,14 @@ def validate(
     if heldout_tokens is not None and heldout_tokens <= 0:
         raise MergeMixError(f"heldout_tokens: must be > 0, got {heldout_tokens}")
     general, share = pool.general_mixture(), pool.general_share
-    obj = None
+    obj, where = None, "objective"
+    if objective is None and run_dir is not None:
+        objective, where = _search_objective(run_dir), f"the search's objective ({run_dir})"
     if objective is not None:
         obj = objective if isinstance(objective, Objective) else load_objective(objective, domains)
         obj.check_domains(domains)
         if obj.needs_lmeval and not lmeval_tasks:
-            raise MergeMixError("objective: it uses lm-eval metrics; name the tasks with --tasks")
+            raise MergeMixError(f"{where}: it uses lm-eval metrics; name the tasks with --tasks")
     lmeval_tasks = list(lmeval_tasks)
     # Checks the task names (one-line error) before anything is trained.
     directions = metric_directions(lmeval_tasks, lmeval_include) if lmeval_tasks else {}
@@ -283,6 +286,10 @@ def validate(
             n_boot=n_boot,
             seed=seed,
         )
+        sizes = task_sizes(lmeval_tasks, lmeval_include, lmeval_limit)
+        for b in bench:
+            real_b = np.array([m[b] for m in real_metrics])
+            bench_table["targets"][b]["resolution"] = _resolution(b, real_b, sizes)
     calibration = fit_calibration(
         weights, {t: proxy[t] for t in loss_targets}, {t: real[t] for t in loss_targets}, domains
     )
@@ -432,6 +439,22 @@ def _baselines_by_weights(
     return out
 
 
+def _search_objective(run_dir: str | Path) -> dict[str, Any] | None:
+    """The objective a search run recorded in its run.json, if it did."""
+    from merge_mix.artifacts import read_json
+
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        objective = read_json(path).get("objective")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise MergeMixError(f"{path}: unreadable search run record ({exc})") from None
+    if objective is not None and not isinstance(objective, dict):
+        raise MergeMixError(f"{path}: field 'objective' is not a mapping")
+    return objective
+
+
 def _with_baseline(
     chosen: Mixtures, baseline: str, domains: Sequence[str], natural: np.ndarray
 ) -> Mixtures:
@@ -470,6 +493,33 @@ def _objective_values(
     if objective.constraints and baseline is not None:
         base = {k: float(v[baseline]) for k, v in arrays.items()}
     return np.asarray(objective.evaluate(arrays, base).value, dtype=np.float64)
+
+
+PROPORTIONS = ("acc", "acc_norm", "exact_match")
+"""lm-eval metrics that are a mean of 0/1 item scores, whose sampling error is binomial."""
+RESOLVED_SPREAD = 4.0
+"""A proportion metric "resolves" the references when their real scores span at least this
+many standard errors of one score (beyond +-2 SE around the mean)."""
+
+
+def _resolution(target: str, real: np.ndarray, sizes: Mapping[str, int]) -> dict | None:
+    """For a proportion metric: items scored, the binomial standard error of one score at the
+    references' mean, the span of their real scores, and whether that span exceeds
+    RESOLVED_SPREAD standard errors. None for other metrics. (The references share the items,
+    so differences between them are less noisy than this per-score error: a lenient test.)"""
+    _, task, metric = target.split("/", 2)
+    n = sizes.get(task)
+    if metric.split(",")[0] not in PROPORTIONS or not n:
+        return None
+    p = float(np.clip(real.mean(), 0.0, 1.0))
+    se = float(np.sqrt(p * (1 - p) / n))
+    spread = float(real.max() - real.min())
+    return {
+        "items": int(n),
+        "standard_error": se,
+        "real_spread": spread,
+        "resolved": spread >= RESOLVED_SPREAD * se,
+    }
 
 
 def _rho(table: Mapping[str, Any], target: str) -> float | None:

@@ -40,9 +40,16 @@ def ci(c: Mapping[str, Any]) -> str:
     return f"{c['value']:.2f} [{num(c['low'])}, {num(c['high'])}]"
 
 
+def amount(v: float | None, sign: bool = False) -> str:
+    """A loss-scale difference with 4 decimals; large ones (word perplexities) in 4 digits."""
+    if v is None:
+        return "n/a"
+    return format(v, ("+" if sign else "") + (".4f" if abs(v) < 1000 else ".4g"))
+
+
 def _gain(entry: Mapping[str, Any], name: str) -> str:
     g = entry["baselines"].get(name)
-    return "n/a" if g is None or g["gain"] is None else f"{g['gain']:+.4f}"
+    return amount(None if g is None else g["gain"], sign=True)
 
 
 def _raw_entries(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -74,6 +81,14 @@ def weak_points(result: Mapping[str, Any]) -> list[str]:
             out.append(
                 f"{name}: among the best quarter of references the proxies barely tell"
                 f" mixtures apart (Spearman {top['value']:.2f})."
+            )
+        res = e.get("resolution")
+        if res is not None and not res["resolved"]:
+            out.append(
+                f"{name}: the references' real scores span only {res['real_spread']:.3f}, within"
+                f" +-2 standard errors ({res['standard_error']:.3f}) of one score on"
+                f" {res['items']} items: the benchmark barely tells these mixtures apart; give it"
+                " more items (make-tasks --max-docs) before reading its ranks."
             )
         rel = e["regret"]["relative"]
         if rel is not None and rel > REGRET_TOLERANCE:
@@ -118,7 +133,7 @@ def fidelity_rows(
                 ci(e["kendall"]),
                 ci(e["pearson"]),
                 num(e["top_spearman"]["value"]),
-                num(r["absolute"], ".4f"),
+                amount(r["absolute"]),
                 num(None if r["relative"] is None else 100 * r["relative"], ".2f") + "%",
                 r["pick"],
                 _gain(e, "uniform"),
