@@ -5,7 +5,9 @@ each on the effective data mixture a set of merge weights stands for, with the c
 hyperparameters and token budget; scores each reference and the merged proxy of the same
 weights with the same evaluator on the same held-out windows; and reports rank fidelity
 (`merge_mix.fidelity`) per domain, on the mean loss over domains and on the worst domain,
-raw and calibrated (leave-one-out), with each component's drift from the base.
+raw and calibrated (leave-one-out), with each component's drift from the base. Optionally
+also on lm-eval benchmark metrics (the same tasks for proxies and references) and on a search
+objective's value.
 
 Stages, one module each: `mixtures` (which mixtures), `references` (train or reuse the
 reference models, stored in the pool), `calibrate` (calibration.json, `load_calibration`,
