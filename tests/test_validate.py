@@ -516,3 +516,29 @@ def test_a_search_run_lends_its_objective(validated, tmp_path):
     (run / "run.json").write_text(json.dumps({"objective": lmeval}))
     with pytest.raises(MergeMixError, match=r"search's objective .*name the tasks with --tasks"):
         validate(pool, run_dir=run, top_picks=1, **COMMON)
+
+
+def test_weak_points_say_where_calibration_helps_and_where_it_hurts(validated):
+    import copy
+
+    from merge_mix.validate.summary import weak_points
+
+    result = copy.deepcopy(validated[2])
+    raw, cal = result["fidelity"]["raw"]["targets"], result["fidelity"]["calibrated"]["targets"]
+    raw["heldout/c/loss"]["spearman"]["value"] = 0.99
+    cal["heldout/c/loss"]["spearman"]["value"] = 0.70
+    raw["heldout/code/loss"]["spearman"]["value"] = 0.90
+    cal["heldout/code/loss"]["spearman"]["value"] = 0.88  # within 0.05: not called worse
+    result["verdict"].update(mean_loss_spearman=0.78, mean_loss_spearman_calibrated=0.96)
+    lines = weak_points(result)
+    assert (
+        "Calibration helps: leave-one-out Spearman on the mean loss rises from 0.78 to 0.96."
+        in lines
+    )
+    hurt = [line for line in lines if line.startswith("Calibration lowers")]
+    assert hurt == [
+        "Calibration lowers the leave-one-out Spearman of c 0.99 -> 0.70: its gap models overfit"
+        " these references there; read those targets' raw proxies."
+    ]
+    result["verdict"].update(mean_loss_spearman=0.95, mean_loss_spearman_calibrated=0.80)
+    assert any("do not use --calibrated with this pool" in line for line in weak_points(result))

@@ -116,6 +116,17 @@ def weak_points(result: Mapping[str, Any]) -> list[str]:
                 f"Calibration hurts here: leave-one-out Spearman on the mean loss falls from"
                 f" {raw_mean:.2f} to {cal_mean:.2f}; do not use --calibrated with this pool."
             )
+    raw_t, cal_t = result["fidelity"]["raw"]["targets"], result["fidelity"]["calibrated"]["targets"]
+    worse = []
+    for t in result["targets"]:
+        before, after = raw_t[t]["spearman"]["value"], cal_t[t]["spearman"]["value"]
+        if t != MEAN_TARGET and before is not None and after is not None and after < before - 0.05:
+            worse.append(f"{target_name(t)} {before:.2f} -> {after:.2f}")
+    if worse:
+        out.append(
+            "Calibration lowers the leave-one-out Spearman of " + ", ".join(worse) + ": its"
+            " gap models overfit these references there; read those targets' raw proxies."
+        )
     return out
 
 
