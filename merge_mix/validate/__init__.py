@@ -501,14 +501,15 @@ PROPORTIONS = ("acc", "acc_norm", "exact_match")
 """lm-eval metrics that are a mean of 0/1 item scores, whose sampling error is binomial."""
 RESOLVED_SPREAD = 4.0
 """A proportion metric "resolves" the references when their real scores span at least this
-many standard errors of one score (beyond +-2 SE around the mean)."""
+many standard errors of one score."""
 
 
 def _resolution(target: str, real: np.ndarray, sizes: Mapping[str, int]) -> dict | None:
     """For a proportion metric: items scored, the binomial standard error of one score at the
     references' mean, the span of their real scores, and whether that span exceeds
-    RESOLVED_SPREAD standard errors. None for other metrics. (The references share the items,
-    so differences between them are less noisy than this per-score error: a lenient test.)"""
+    RESOLVED_SPREAD standard errors (16 independent scores of equal models would span about
+    3.5). None for other metrics. The references share the items, so differences between them
+    are less noisy than this per-score error: the test is conservative."""
     _, task, metric = target.split("/", 2)
     n = sizes.get(task)
     if metric.split(",")[0] not in PROPORTIONS or not n:

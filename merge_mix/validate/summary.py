@@ -85,10 +85,10 @@ def weak_points(result: Mapping[str, Any]) -> list[str]:
         res = e.get("resolution")
         if res is not None and not res["resolved"]:
             out.append(
-                f"{name}: the references' real scores span only {res['real_spread']:.3f}, within"
-                f" +-2 standard errors ({res['standard_error']:.3f}) of one score on"
-                f" {res['items']} items: the benchmark barely tells these mixtures apart; give it"
-                " more items (make-tasks --max-docs) before reading its ranks."
+                f"{name}: the references' real scores span only {res['real_spread']:.3f}, less"
+                f" than 4 standard errors of one score ({res['standard_error']:.3f} on"
+                f" {res['items']} items), about what item sampling alone could spread them by:"
+                " give the benchmark more items (make-tasks --max-docs) before reading its ranks."
             )
         rel = e["regret"]["relative"]
         if rel is not None and rel > REGRET_TOLERANCE:
