@@ -66,6 +66,8 @@ benchmark_runs() {
   "$MM" make-tasks pools/demo --out runs/tasks-1000 --max-docs 1000 > /dev/null
   OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 validate pools/demo demo-lmeval-1000 16 \
     --tasks mm_demo_choice --include-path runs/tasks-1000 --objective benchmarks/mean_acc.yaml
+  .venv/bin/python benchmarks/benchmark_metrics.py "$OUT/demo-lmeval" "$OUT/demo-lmeval-1000" \
+    "$OUT/long16-lmeval" > "$OUT/benchmark-metrics.txt"
 }
 
 case "${1:-}" in
