@@ -256,3 +256,29 @@ def test_runtime_settings_may_change_between_runs(tiny_spec_path, tiny_pool, tmp
         main, ["train-components", str(write_spec(tmp_path, spec)), "--quiet"]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_pretrained_base_is_copied_with_its_tokenizer(tiny_spec_path, tiny_pool, tmp_path):
+    """model.pretrained: the base is a copy of that model (same tensors), saved with the
+    tokenizer taken from it, and components continue from it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from merge_mix.model import weights_sha256
+
+    spec_dict = tiny_spec_dict(tiny_spec_path.parent, output=str(tmp_path / "p"))
+    spec_dict["model"] = {"pretrained": str(tiny_pool / "base")}
+    spec_dict["tokenizer"] = {}
+    spec_dict["training"] = {**spec_dict["training"], "component_tokens": 2_048}
+    pool = build_pool(load_spec(write_spec(tmp_path, spec_dict)), show_progress=False)
+    assert pool is not None
+    base = pool.manifest["base"]
+    assert base["pretrained_from"] == str(tiny_pool / "base")
+    assert base["sha256"] == weights_sha256(tmp_path / "p" / "base")
+    ours = load_file(str(tmp_path / "p" / "base" / "model.safetensors"))
+    theirs = load_file(str(tiny_pool / "base" / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (tmp_path / "p" / "base" / "tokenizer.json").is_file()
+    assert not (tmp_path / "p" / "base.tmp").exists()
+    assert set(pool.manifest["components"]) == {"code", "c", "prose"}
