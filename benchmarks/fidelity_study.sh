@@ -8,6 +8,7 @@
 #   bash benchmarks/fidelity_study.sh                     # everything
 #   bash benchmarks/fidelity_study.sh --benchmarks-only   # only the lm-eval benchmark runs
 #   bash benchmarks/fidelity_study.sh --general-share-16-only
+#   bash benchmarks/fidelity_study.sh --search-picks-only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MM=.venv/bin/merge-mix
@@ -52,6 +53,12 @@ general_share16() {
   wait $a; wait $b
 }
 
+# The demo search's own top 3 picks (runs/demo, from `make demo`) next to the 16 mixtures
+# above (all reused): does the recommended mixture train better than the alternatives?
+search_picks_run() {
+  OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 validate pools/demo demo-search 19 --run-dir runs/demo
+}
+
 # lm-eval benchmark fidelity on the pool's own tasks (the references above are reused),
 # with the benchmark objective of benchmarks/mean_acc.yaml.
 benchmark_runs() {
@@ -73,6 +80,7 @@ benchmark_runs() {
 case "${1:-}" in
   --benchmarks-only) benchmark_runs; echo "done: $OUT"; exit 0 ;;
   --general-share-16-only) general_share16; echo "done: $OUT"; exit 0 ;;
+  --search-picks-only) search_picks_run; echo "done: $OUT"; exit 0 ;;
 esac
 
 stream_a & a=$!
@@ -80,5 +88,6 @@ stream_b & b=$!
 wait $a; wait $b
 longer
 general_share16
+search_picks_run
 benchmark_runs
 echo "done: $OUT"
