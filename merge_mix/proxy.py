@@ -105,6 +105,16 @@ class ProxyScorer:
             budget_tokens = min(budget_tokens, self.heldout_tokens)
         started = time.perf_counter()
         model = self.merger.merge(np.asarray(weights, dtype=np.float64))
+        metrics = self.evaluate(model, budget_tokens)
+        if self.calibration is not None:
+            metrics.update(self.calibration.apply(np.asarray(weights), metrics))
+        self.last_cost_s = time.perf_counter() - started
+        return metrics
+
+    def evaluate(self, model, budget_tokens: int | None = None) -> dict[str, float]:
+        """Held-out metrics, and the lm-eval tasks' if any, of any model on this device
+        (a merged proxy, or a reference model for validation): the same evaluators, windows
+        and settings for both. No calibration."""
         metrics = heldout_metrics(
             model, self.heldout, self.device, self.precision, self.batch_size, budget_tokens
         )
@@ -120,11 +130,9 @@ class ProxyScorer:
                     limit=self.lmeval_limit,
                     max_length=self.pool.seq_len,
                     device=self.device,
+                    batch_size=self.batch_size,
                 )
             )
-        if self.calibration is not None:
-            metrics.update(self.calibration.apply(np.asarray(weights), metrics))
-        self.last_cost_s = time.perf_counter() - started
         return metrics
 
     def differentiable_params(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -112,14 +112,13 @@ def validate(
     from tqdm.auto import tqdm
 
     from merge_mix.artifacts import library_versions
-    from merge_mix.evaluate import heldout_metrics
     from merge_mix.fidelity import (
         aggregate_targets,
         fidelity_table,
         fit_calibration,
         loo_fidelity,
     )
-    from merge_mix.lmeval import evaluate_tasks, metric_directions, task_sizes
+    from merge_mix.lmeval import metric_directions, task_sizes
     from merge_mix.merge import effective_mixture
     from merge_mix.model import load_model
     from merge_mix.pool import Pool
@@ -171,6 +170,8 @@ def validate(
         mix = effective_mixture(w, share, general)
         check_epochs(pool, mix, tokens)
         plans.append(ReferencePlan(reference_id(pool, mix, tokens), label, w, mix, tokens))
+    weights = np.stack([p.merge_weights for p in plans])
+    baselines = _baselines_by_weights(weights, domains, pool.natural_mixture())
     if out_dir is not None:
         out = Path(out_dir)
     else:  # never the run directory itself: its report.md is the search's
@@ -200,9 +201,7 @@ def validate(
     proxy.update(aggregate_targets(proxy))
     obj_baseline = None
     if obj is not None:
-        obj_baseline = _baselines_by_weights(
-            np.stack([p.merge_weights for p in plans]), domains, pool.natural_mixture()
-        ).get(obj.baseline)
+        obj_baseline = baselines.get(obj.baseline)
         proxy[OBJECTIVE_TARGET] = _objective_values(
             obj, _metric_arrays(proxy_metrics, proxy, loss_targets), obj_baseline
         )
@@ -230,31 +229,13 @@ def validate(
     for plan in tqdm(plans, desc="scoring", unit="reference", disable=not show_progress):
         t0 = time.perf_counter()
         model = load_model(reference_dir(pool, plan.id), scorer.device)
-        metrics = heldout_metrics(
-            model, scorer.heldout, scorer.device, scorer.precision, scorer.batch_size
-        )
-        if lmeval_tasks:
-            metrics.update(
-                evaluate_tasks(
-                    model,
-                    scorer.tokenizer,
-                    lmeval_tasks,
-                    include_path=lmeval_include,
-                    limit=lmeval_limit,
-                    max_length=pool.seq_len,
-                    device=scorer.device,
-                    batch_size=scorer.batch_size,
-                )
-            )
-        real_metrics.append(metrics)
+        real_metrics.append(scorer.evaluate(model))
         real_s.append(time.perf_counter() - t0)
         del model
 
     # --- fidelity, raw and leave-one-out calibrated ---
-    weights = np.stack([p.merge_weights for p in plans])
     real = {k: np.array([m[k] for m in real_metrics]) for k in keys}
     real.update(aggregate_targets(real))
-    baselines = _baselines_by_weights(weights, domains, pool.natural_mixture())
     common = dict(baselines=baselines, domain_targets=keys, n_boot=n_boot, seed=seed)
     loo = loo_fidelity(
         weights,
@@ -278,9 +259,10 @@ def validate(
     calibrated_table = fidelity_table(loo_proxy, {t: real[t] for t in targets}, labels, **common)
     bench_table = None
     if bench:
+        real_bench = {b: np.array([m[b] for m in real_metrics]) for b in bench}
         bench_table = fidelity_table(
             {b: np.array([m[b] for m in proxy_metrics]) for b in bench},
-            {b: np.array([m[b] for m in real_metrics]) for b in bench},
+            real_bench,
             labels,
             baselines=baselines,
             domain_targets=bench,
@@ -290,8 +272,7 @@ def validate(
         )
         sizes = task_sizes(lmeval_tasks, lmeval_include, lmeval_limit)
         for b in bench:
-            real_b = np.array([m[b] for m in real_metrics])
-            bench_table["targets"][b]["resolution"] = _resolution(b, real_b, sizes)
+            bench_table["targets"][b]["resolution"] = _resolution(b, real_bench[b], sizes)
     calibration = fit_calibration(
         weights, {t: proxy[t] for t in loss_targets}, {t: real[t] for t in loss_targets}, domains
     )
@@ -431,14 +412,16 @@ def _baselines_by_weights(
 ) -> dict[str, int]:
     """Uniform and natural among mixtures given under other labels (e.g. from a file)."""
     out = {}
-    for name, target in (
-        ("uniform", np.full(len(domains), 1.0 / len(domains))),
-        ("natural", natural),
-    ):
+    for name, target in _baseline_weights(domains, natural).items():
         hits = np.flatnonzero(np.abs(weights - target).max(axis=1) < 1e-6)
         if hits.size:
             out[name] = int(hits[0])
     return out
+
+
+def _baseline_weights(domains: Sequence[str], natural: np.ndarray) -> dict[str, np.ndarray]:
+    """The merge weights of the uniform and natural baseline mixtures."""
+    return {"uniform": np.full(len(domains), 1.0 / len(domains)), "natural": np.asarray(natural)}
 
 
 def _search_objective(run_dir: str | Path) -> dict[str, Any] | None:
@@ -462,9 +445,9 @@ def _with_baseline(
 ) -> Mixtures:
     """`chosen`, plus the objective's baseline mixture (its constraints compare against it)
     when no mixture of the set has its weights."""
-    target = np.full(len(domains), 1.0 / len(domains)) if baseline == "uniform" else natural
-    if any(np.abs(w - target).max() < 1e-6 for _, w in chosen):
+    if baseline in _baselines_by_weights(np.stack([w for _, w in chosen]), domains, natural):
         return chosen
+    target = _baseline_weights(domains, natural)[baseline]
     taken = {label for label, _ in chosen}
     label = baseline if baseline not in taken else f"{baseline} (objective baseline)"
     return [*chosen, (label, np.asarray(target, dtype=np.float64))]
