@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from merge_mix.fidelity import OBJECTIVE_TARGET, fidelity_table, loo_fidelity
+from merge_mix.validate.calibration import loo_fidelity
+from merge_mix.validate.metrics import OBJECTIVE_TARGET, fidelity_table
 
 
 def main() -> int:

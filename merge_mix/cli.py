@@ -217,11 +217,19 @@ def _notice(msg: str) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option(
+    "--split",
+    type=click.Choice(["search", "test"]),
+    default="search",
+    show_default=True,
+    help="Held-out split to score: 'search' (what searches select on) or 'test' (kept for "
+    "final verdicts; choosing mixtures by it spends its independence).",
+)
+@click.option(
     "--heldout-tokens",
     type=click.IntRange(min=1),
-    default=16_384,
-    show_default=True,
-    help="Held-out tokens scored per domain.",
+    default=None,
+    help="Cap on held-out tokens scored per domain (whole pieces). Default: every piece of "
+    "the split.",
 )
 @_merge_options
 @_extrapolate_option
@@ -234,6 +242,7 @@ def eval_cmd(
     limit,
     calibrated,
     as_json,
+    split,
     keep_base,
     stream,
     device,
@@ -241,13 +250,15 @@ def eval_cmd(
     extrapolate,
 ):
     """Score mixture proxies of POOL: per-domain held-out loss, perplexity, bits per byte,
-    and lm-eval benchmark scores.
+    and lm-eval benchmark scores, on one held-out split.
 
     Each mixture is merged in memory (no files written) and evaluated; the pool stays
-    resident between mixtures.
+    resident between mixtures. Every mixture after the first is compared with the first
+    on mean held-out loss, with a 95% paired bootstrap interval over the split's documents.
     """
     import json
 
+    from merge_mix.compare import domain_loss, paired_bootstrap, sentence
     from merge_mix.evaluate import format_eval_table
 
     calibration = None
@@ -264,6 +275,7 @@ def eval_cmd(
         stream,
         device,
         heldout_tokens,
+        split=split,
         lmeval_tasks=task_list,
         lmeval_include=include_path,
         lmeval_limit=limit,
@@ -273,9 +285,19 @@ def eval_cmd(
     if not requested:
         requested = [("uniform", False), ("natural", False)] + [(d, False) for d in scorer.domains]
     rows = []
+    documents = []
+
+    def mean_loss(m):
+        return sum(domain_loss(d)(m) for d in scorer.domains) / len(scorer.domains)
+
     for text, is_mixture in requested:
         w = scorer.weights(text, as_mixture=is_mixture, extrapolate=extrapolate, notice=_notice)
         metrics = scorer.score(w)
+        documents.append(scorer.last_documents)
+        comparison = None
+        if len(documents) > 1:
+            c = paired_bootstrap(documents[-1], documents[0], mean_loss).to_dict()
+            comparison = {**c, "sentence": sentence(c, requested[0][0], "nats/token", split)}
         rows.append(
             {
                 "name": text,
@@ -284,13 +306,19 @@ def eval_cmd(
                     zip(scorer.domains, map(float, scorer.effective_mixture(w)), strict=True)
                 ),
                 "metrics": metrics,
+                "mean_loss_vs_first": comparison,
                 "cost_s": round(scorer.last_cost_s, 4),
             }
         )
+    measured = {
+        "split": split,
+        "documents": scorer.heldout.documents(heldout_tokens),
+        "tokens": scorer.heldout.tokens(heldout_tokens),
+    }
     if as_json:
-        click.echo(json.dumps({"pool": str(pool), "mixtures": rows}, indent=2))
+        click.echo(json.dumps({"pool": str(pool), **measured, "mixtures": rows}, indent=2))
     else:
-        click.echo(format_eval_table(rows, scorer.domains))
+        click.echo(format_eval_table(rows, scorer.domains, measured))
 
 
 @main.command("export")
@@ -367,8 +395,16 @@ def export_cmd(pool, out, weights, mixture, force, keep_base, stream, device, ex
     show_default=True,
     help="Length of each multiple-choice continuation, in tokens.",
 )
+@click.option(
+    "--split",
+    type=click.Choice(["search", "test"]),
+    default="search",
+    show_default=True,
+    help="Held-out split the items come from: 'search' for tasks a search may select on, "
+    "'test' for final judgement only (use another --out: the task names are the same).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-def make_tasks_cmd(pool, out, max_docs, n_choices, continuation_tokens, seed):
+def make_tasks_cmd(pool, out, max_docs, n_choices, continuation_tokens, seed, split):
     """Write lm-evaluation-harness tasks from POOL's held-out data: per domain a rolling
     perplexity task (mm_<pool>_<domain>_ppl) and a multiple-choice continuation benchmark
     (mm_<pool>_<domain>_choice), plus the group mm_<pool>. Data paths are absolute, so the
@@ -382,8 +418,9 @@ def make_tasks_cmd(pool, out, max_docs, n_choices, continuation_tokens, seed):
         n_choices=n_choices,
         seed=seed,
         continuation_tokens=continuation_tokens,
+        split=split,
     )
-    click.echo(f"wrote {len(names)} tasks to {out}: {', '.join(names)}")
+    click.echo(f"wrote {len(names)} tasks from the {split} split to {out}: {', '.join(names)}")
 
 
 @main.command(
@@ -454,8 +491,8 @@ def lm_eval_cmd(args):
     "--train-tokens",
     type=click.IntRange(min=1),
     default=None,
-    help="Planned token budget of the final training run: caps each domain's weight so its "
-    "data repeats at most --max-epochs times (dirichlet sampler and surrogate candidates).",
+    help="Planned token budget of the final training run: caps each domain's share of the "
+    "effective data mixture so its data repeats at most --max-epochs times.",
 )
 @click.option(
     "--max-epochs",
@@ -463,6 +500,13 @@ def lm_eval_cmd(args):
     default=4.0,
     show_default=True,
     help="With --train-tokens: most repetitions of any domain's data.",
+)
+@click.option(
+    "--cap",
+    "caps",
+    default=None,
+    help="Caps on the effective data mixture, e.g. code=0.3,c=0.5: no proposal (sampler, "
+    "surrogate, gradient) puts more of a domain's data in the mixture.",
 )
 @click.option(
     "--storage",
@@ -525,9 +569,17 @@ def lm_eval_cmd(args):
 @click.option(
     "--heldout-tokens",
     type=click.IntRange(min=1),
-    default=16_384,
+    default=None,
+    help="Cap on the search split's tokens scored per domain per mixture (whole pieces). "
+    "Default: every piece of the search split; halving rungs score fractions of it.",
+)
+@click.option(
+    "--verdict/--no-verdict",
+    default=True,
     show_default=True,
-    help="Held-out tokens scored per domain per mixture.",
+    help="Judge the pick, the baselines and the other picks on the test split (paired "
+    "bootstrap intervals over its documents). --no-verdict for extra workers of a shared "
+    "study.",
 )
 @click.option(
     "--calibrated",
@@ -546,6 +598,7 @@ def search_cmd(
     temperature,
     train_tokens,
     max_epochs,
+    caps,
     storage,
     worker,
     seed,
@@ -561,6 +614,7 @@ def search_cmd(
     include_path,
     limit,
     heldout_tokens,
+    verdict,
     calibrated,
     quiet,
     keep_base,
@@ -568,12 +622,18 @@ def search_cmd(
     device,
 ):
     """Find the mixture of POOL's domains that minimises an objective, by scoring many
-    merged proxies: baselines (uniform, natural, each pure component), sampled mixtures,
-    a surrogate's pick and a gradient-searched mixture; then write a report.
+    merged proxies on the pool's search split: baselines (uniform, natural, each pure
+    component), sampled mixtures, a surrogate's pick and a gradient-searched mixture; then
+    judge the picks on the test split, which the search never reads, and write a report.
+
+    The verdict says whether the pick is better than the uniform mixture, not
+    distinguishable from it, or worse, with a 95% paired bootstrap interval over the test
+    split's documents (also in best.json and the report).
 
     Resumable (same --run-dir), and scalable: several workers, one per GPU or machine,
     share one study through --storage, each with its own --worker id.
     """
+    from merge_mix.merge import parse_assignment
     from merge_mix.objective import load_objective
     from merge_mix.pool import Pool
     from merge_mix.search.config import SearchConfig
@@ -593,6 +653,7 @@ def search_cmd(
         temperature=temperature,
         train_tokens=train_tokens,
         max_epochs=max_epochs,
+        caps=None if caps is None else parse_assignment(caps, "--cap"),
         halving=halving,
         eta=eta,
         rungs=rungs,
@@ -619,7 +680,7 @@ def search_cmd(
     grad = GradientConfig(steps=gradient_steps, method=gradient_method) if gradient else None
     if grad is not None and stream:
         raise MergeMixError("--gradient needs resident components; add --no-gradient with --stream")
-    summary = search_pool(pool, obj, config, run_dir, grad, options)
+    summary = search_pool(pool, obj, config, run_dir, grad, options, judge_test=verdict)
     click.echo(format_search_summary(summary))
 
 
@@ -791,14 +852,17 @@ def report_cmd(run_dir):
     type=click.IntRange(min=1),
     default=48,
     show_default=True,
-    help="Sampled mixtures in the search.",
+    help="Candidate mixtures in the search (successive halving: all are scored on a quarter"
+    " of the search split, the best quarter of them on all of it).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(run_dir: Path, n_trials: int, quiet: bool) -> None:
     """The whole job on the built-in default: build the demo pool (pools/demo.yaml: four
     domains of real text from this machine's Python installation: stdlib code, C headers,
-    config files, documentation and licences), search it for the mixture with the lowest
-    mean held-out loss, and write the report. Resumable: run it again after an interruption.
+    config files, documentation and licences), search it on the search split for the
+    mixture with the lowest mean held-out loss, judge the pick on the test split (the
+    verdict, with a 95% interval), and write the report. Resumable: run it again after an
+    interruption.
     """
     from merge_mix.config import builtin_spec_path, load_spec
     from merge_mix.objective import load_objective
@@ -813,14 +877,16 @@ def demo(run_dir: Path, n_trials: int, quiet: bool) -> None:
         raise MergeMixError(f"{spec.output_dir}: the demo pool is not complete")
     click.echo(format_pool_table(spec.output_dir))
     click.echo("")
-    config = SearchConfig(n_trials=n_trials, progress=not quiet)
+    # Every candidate is scored on a quarter of the search split and the best quarter on all
+    # of it: the full split decides between finalists, at a third of the cost.
+    config = SearchConfig(n_trials=n_trials, halving=True, eta=4, rungs=2, progress=not quiet)
     summary = search_pool(
         spec.output_dir,
         load_objective("mean_loss", pool.domains),
         config,
         run_dir,
         GradientConfig(),
-        {"heldout_tokens": 16_384},
+        {},
     )
     click.echo(format_search_summary(summary))
 

@@ -59,6 +59,15 @@ class DataSpec:
 
     heldout_fraction: float = 0.1
     """Share of documents (by content hash, so deterministic) kept for held-out scoring."""
+    test_fraction: float = 0.5
+    """Share of the held-out documents (by content hash, whole documents) in the ``test``
+    split, which only final verdicts and `validate` read; the rest is the ``search``
+    split, on which searches select mixtures."""
+    near_duplicate_threshold: float = 0.5
+    """A held-out piece is dropped when at least this share of its word n-grams
+    (`shingle_words` words each) occurs anywhere in any domain's training text."""
+    shingle_words: int = 8
+    """Words per n-gram (shingle) in the near-duplicate check."""
     max_doc_bytes: int = 8192
     """Longer documents are cut at line boundaries into pieces of at most this size,
     so held-out scoring never sees one document dominate a domain."""
@@ -201,6 +210,12 @@ def _check(spec: PoolSpec, where: str) -> None:
         fail("max_epochs", "must be > 0")
     if not 0.0 < spec.data.heldout_fraction < 1.0:
         fail("data.heldout_fraction", "must be in (0, 1)")
+    if not 0.0 < spec.data.test_fraction < 1.0:
+        fail("data.test_fraction", "must be in (0, 1)")
+    if not 0.0 < spec.data.near_duplicate_threshold <= 1.0:
+        fail("data.near_duplicate_threshold", "must be in (0, 1]")
+    if spec.data.shingle_words < 2:
+        fail("data.shingle_words", "must be >= 2")
     if spec.data.max_doc_bytes < 256:
         fail("data.max_doc_bytes", "must be >= 256")
     if spec.tokenizer.path is None and spec.model.pretrained is None:

@@ -41,14 +41,27 @@ _BUILTIN_MAX_FILE_BYTES = 256_000
 _SKIP_DIRS = {"__pycache__", ".git", "node_modules"}
 
 
+SPLITS = ("train", "search", "test")
+"""A pool's splits: components train on ``train``; searches select on ``search``; final
+verdicts and `validate` judge on ``test``. Held-out documents are in exactly one of the
+last two."""
+
+
 @dataclass
 class DomainCorpus:
-    """A domain's text, split and cut into pieces, with the counts recorded in the pool."""
+    """A domain's text, split by document and cut into pieces: each split is a list of
+    documents, each document a list of pieces."""
 
     name: str
-    train: list[str] = field(default_factory=list)
-    heldout: list[str] = field(default_factory=list)
+    splits: dict[str, list[list[str]]] = field(
+        default_factory=lambda: {split: [] for split in SPLITS}
+    )
+    digests: list[str] = field(default_factory=list)
+    """SHA-256 of every document kept (all splits), for cross-domain de-duplication."""
     stats: dict[str, int] = field(default_factory=dict)
+
+    def pieces(self, split: str) -> list[str]:
+        return [p for doc in self.splits[split] for p in doc]
 
 
 @functools.lru_cache(maxsize=1)
@@ -307,6 +320,12 @@ def is_heldout(digest: str, fraction: float) -> bool:
     return int(digest[-8:], 16) / 2**32 < fraction
 
 
+def heldout_role(digest: str, test_fraction: float) -> str:
+    """``test`` or ``search`` for a held-out document: the 32 bits before the last ones,
+    independent of the held-out draw."""
+    return "test" if int(digest[-16:-8], 16) / 2**32 < test_fraction else "search"
+
+
 def cut_pieces(text: str, max_bytes: int) -> list[str]:
     """Cut a document at line boundaries into pieces of at most `max_bytes` UTF-8 bytes.
     A single line longer than that is cut at a character boundary."""
@@ -333,59 +352,72 @@ def cut_pieces(text: str, max_bytes: int) -> list[str]:
     return pieces
 
 
-def build_domain(domain: DomainSpec, data: DataSpec, where: str) -> DomainCorpus:
-    """Read, de-duplicate, cap, split and cut one domain."""
+def read_domain(domain: DomainSpec, where: str) -> tuple[dict[str, str], dict[str, int]]:
+    """A domain's documents by SHA-256, exact duplicates removed and `max_bytes` applied
+    in hash order (a fixed pseudo-random order, so a cap samples all sources evenly)."""
     docs: dict[str, str] = {}
     n_read = 0
     for i, src in enumerate(domain.sources):
         for text in source_documents(src, f"{where}.sources[{i}]"):
             n_read += 1
             docs.setdefault(text_hash(text), text)
-    # Hash order is a fixed pseudo-random order: a byte cap then samples all sources evenly.
-    kept: list[tuple[str, str]] = []
+    kept: dict[str, str] = {}
     total = 0
     for digest in sorted(docs):
         if domain.max_bytes is not None and total >= domain.max_bytes:
             break
-        kept.append((digest, docs[digest]))
+        kept[digest] = docs[digest]
         total += len(docs[digest].encode("utf-8"))
-    corpus = DomainCorpus(name=domain.name)
-    train_docs = heldout_docs = 0
-    for digest, text in kept:
-        heldout = is_heldout(digest, data.heldout_fraction)
-        pieces = [
-            p
-            for p in cut_pieces(text, data.max_doc_bytes)
-            if len(p.strip().encode("utf-8")) >= data.min_doc_bytes
-        ]
-        (corpus.heldout if heldout else corpus.train).extend(pieces)
-        heldout_docs += heldout
-        train_docs += not heldout
-    train_hashes = {text_hash(p) for p in corpus.train}
-    seen: set[str] = set()
-    unique_heldout = []
-    for p in corpus.heldout:
-        h = text_hash(p)
-        if h not in train_hashes and h not in seen:
-            seen.add(h)
-            unique_heldout.append(p)
-    corpus.heldout = unique_heldout
-    if not corpus.train:
-        raise MergeMixError(f"{where}: no training text left after splitting (add documents)")
-    if not corpus.heldout:
-        raise MergeMixError(
-            f"{where}: no held-out text left after splitting (add documents or raise"
-            " data.heldout_fraction)"
-        )
-    corpus.stats = {
+    stats = {
         "documents_read": n_read,
         "duplicates_removed": n_read - len(docs),
         "documents_kept": len(kept),
-        "train_documents": train_docs,
-        "heldout_documents": heldout_docs,
-        "train_pieces": len(corpus.train),
-        "heldout_pieces": len(corpus.heldout),
-        "train_bytes": sum(len(p.encode("utf-8")) for p in corpus.train),
-        "heldout_bytes": sum(len(p.encode("utf-8")) for p in corpus.heldout),
     }
+    return kept, stats
+
+
+def split_domain(
+    name: str, docs: dict[str, str], data: DataSpec, stats: dict[str, int] | None = None
+) -> DomainCorpus:
+    """Split documents into train / search / test by content hash and cut them into pieces
+    (pieces under `data.min_doc_bytes` dropped)."""
+    corpus = DomainCorpus(name=name, stats=dict(stats or {}))
+    for digest in sorted(docs):
+        pieces = [
+            p
+            for p in cut_pieces(docs[digest], data.max_doc_bytes)
+            if len(p.strip().encode("utf-8")) >= data.min_doc_bytes
+        ]
+        if not pieces:
+            continue
+        split = "train"
+        if is_heldout(digest, data.heldout_fraction):
+            split = heldout_role(digest, data.test_fraction)
+        corpus.splits[split].append(pieces)
+        corpus.digests.append(digest)
+    return corpus
+
+
+def check_corpus(corpus: DomainCorpus, where: str) -> None:
+    """Every split must keep some text; fills in the split counts of `corpus.stats`."""
+    for split in SPLITS:
+        docs = [d for d in corpus.splits[split] if d]
+        corpus.splits[split] = docs
+        if not docs:
+            hint = "add documents" if split == "train" else "add documents or raise"
+            hint += "" if split == "train" else " data.heldout_fraction"
+            raise MergeMixError(
+                f"{where}: no {split} text left after splitting and de-duplication ({hint})"
+            )
+        corpus.stats[f"{split}_documents"] = len(docs)
+        corpus.stats[f"{split}_pieces"] = sum(len(d) for d in docs)
+        corpus.stats[f"{split}_bytes"] = sum(len(p.encode("utf-8")) for d in docs for p in d)
+
+
+def build_domain(domain: DomainSpec, data: DataSpec, where: str) -> DomainCorpus:
+    """Read, de-duplicate, cap, split and cut one domain on its own (no cross-domain
+    de-duplication or decontamination: `merge_mix.decontaminate` does those for a pool)."""
+    docs, stats = read_domain(domain, where)
+    corpus = split_domain(domain.name, docs, data, stats)
+    check_corpus(corpus, where)
     return corpus

@@ -19,6 +19,14 @@ i.e. token-weighted means, not means of per-piece means; ``bpb`` is lm-eval's
 ``bits_per_byte`` for the same documents, and does not depend on the tokenizer.
 
 Metric names are ``heldout/<domain>/loss``, ``heldout/<domain>/ppl``, ``heldout/<domain>/bpb``.
+
+Which pieces
+------------
+A pool's held-out documents are split into ``search`` (what searches select on) and
+``test`` (what final verdicts and `validate` judge on); a `HeldoutSet` reads one of them.
+Every metric is computed from per-document sums (`DocumentScores`: negative
+log-likelihood, scored tokens and bytes of each held-out document), so a comparison of two
+models can resample documents (a paired bootstrap, `merge_mix.compare`).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ class DomainWindows:
     piece_end: np.ndarray  # window count after each piece (for token-budget prefixes)
     piece_tokens: np.ndarray  # cumulative scored tokens after each piece
     piece_bytes: np.ndarray  # cumulative bytes after each piece
+    piece_document: np.ndarray  # the document each piece was cut from (0, 1, ... in order)
 
     def prefix(self, max_tokens: int | None) -> tuple[int, int, int]:
         """(windows, tokens, bytes) of the shortest piece prefix reaching `max_tokens`."""
@@ -81,8 +90,9 @@ def build_windows(
     `max_tokens`."""
     inputs: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    piece_end, piece_tokens, piece_bytes = [], [], []
+    piece_end, piece_tokens, piece_bytes, piece_document = [], [], [], []
     tokens_total = bytes_total = 0
+    documents: dict[int, int] = {}
     for i in range(first_piece, len(shard.index)):
         toks = shard.piece(i)
         if len(toks) == 0:
@@ -97,6 +107,8 @@ def build_windows(
         piece_end.append(len(inputs))
         piece_tokens.append(tokens_total)
         piece_bytes.append(bytes_total)
+        doc = int(shard.index[i, 3]) if shard.index.shape[1] > 3 else i
+        piece_document.append(documents.setdefault(doc, len(documents)))
         if max_tokens is not None and tokens_total >= max_tokens:
             break
     return DomainWindows(
@@ -105,15 +117,31 @@ def build_windows(
         piece_end=np.asarray(piece_end),
         piece_tokens=np.asarray(piece_tokens),
         piece_bytes=np.asarray(piece_bytes),
+        piece_document=np.asarray(piece_document),
     )
 
 
 class HeldoutSet:
-    """Every domain's held-out scoring windows, built once and kept resident."""
+    """Every domain's held-out scoring windows of one split, built once and kept resident."""
 
-    def __init__(self, windows: dict[str, DomainWindows], max_tokens: int | None):
+    def __init__(
+        self, windows: dict[str, DomainWindows], max_tokens: int | None, split: str = "search"
+    ):
         self.windows = windows
         self.max_tokens = max_tokens
+        self.split = split
+
+    def documents(self, max_tokens: int | None = None) -> dict[str, int]:
+        """Documents scored per domain within a token budget."""
+        out = {}
+        for d, w in self.windows.items():
+            n_pieces = _prefix_pieces(w, max_tokens)
+            out[d] = int(w.piece_document[n_pieces - 1]) + 1
+        return out
+
+    def tokens(self, max_tokens: int | None = None) -> dict[str, int]:
+        """Scored tokens per domain within a token budget."""
+        return {d: w.prefix(max_tokens)[1] for d, w in self.windows.items()}
 
     @property
     def domains(self) -> list[str]:
@@ -127,15 +155,70 @@ class HeldoutSet:
         bos: int,
         seq_len: int,
         max_tokens: int | None,
+        split: str = "search",
     ) -> HeldoutSet:
+        """`max_tokens` None reads every piece of the split."""
         windows = {
-            d: build_windows(Shard.open(data_dir / d, "heldout"), bos, seq_len, max_tokens)
+            d: build_windows(Shard.open(data_dir / d, split), bos, seq_len, max_tokens)
             for d in domains
         }
-        return cls(windows, max_tokens)
+        return cls(windows, max_tokens, split)
+
+
+def _prefix_pieces(windows: DomainWindows, max_tokens: int | None) -> int:
+    """How many pieces the shortest prefix reaching `max_tokens` holds."""
+    n_windows = windows.prefix(max_tokens)[0]
+    return int(np.searchsorted(windows.piece_end, n_windows, side="left")) + 1
+
+
+@dataclass
+class DocumentScores:
+    """One domain's scored held-out documents: per document, the summed negative
+    log-likelihood (nats), the scored tokens and the UTF-8 bytes."""
+
+    nll: np.ndarray
+    tokens: np.ndarray
+    bytes: np.ndarray
+
+    def metrics(self, domain: str, counts: np.ndarray | None = None) -> dict[str, float]:
+        """loss / ppl / bpb over the documents, each counted `counts` times (a bootstrap
+        resample; None counts each once)."""
+        if counts is None:
+            nll, tokens, nbytes = self.nll.sum(), self.tokens.sum(), self.bytes.sum()
+        else:
+            nll, tokens, nbytes = counts @ self.nll, counts @ self.tokens, counts @ self.bytes
+        loss = float(nll / tokens)
+        return {
+            f"heldout/{domain}/loss": loss,
+            f"heldout/{domain}/ppl": math.exp(min(loss, 700.0)),
+            f"heldout/{domain}/bpb": float(nll / (nbytes * math.log(2))),
+        }
 
 
 @torch.no_grad()
+def window_nll(
+    model,
+    windows: DomainWindows,
+    n_windows: int,
+    device: torch.device,
+    precision: str = "auto",
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Negative log-likelihood (nats, float64) of each of the first `n_windows`."""
+    out = np.zeros(n_windows, dtype=np.float64)
+    for lo in range(0, n_windows, batch_size):
+        hi = min(lo + batch_size, n_windows)
+        ids = windows.input_ids[lo:hi].to(device)
+        lab = windows.labels[lo:hi].to(device)
+        with autocast(device, precision):
+            logits = model(input_ids=ids).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), lab.reshape(-1), reduction="none"
+        )
+        out[lo:hi] = nll.view(hi - lo, -1).double().sum(dim=1).cpu().numpy()
+    return out
+
+
 def heldout_nll(
     model,
     windows: DomainWindows,
@@ -145,18 +228,50 @@ def heldout_nll(
     batch_size: int = 16,
 ) -> float:
     """Sum of negative log-likelihoods (nats, float64) over the first `n_windows`."""
-    total = 0.0
-    for lo in range(0, n_windows, batch_size):
-        hi = min(lo + batch_size, n_windows)
-        ids = windows.input_ids[lo:hi].to(device)
-        lab = windows.labels[lo:hi].to(device)
-        with autocast(device, precision):
-            logits = model(input_ids=ids).logits
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), lab.reshape(-1), reduction="sum"
+    return float(window_nll(model, windows, n_windows, device, precision, batch_size).sum())
+
+
+def document_scores(
+    model,
+    heldout: HeldoutSet,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    domains: list[str] | None = None,
+) -> dict[str, DocumentScores]:
+    """Per-domain, per-document sums of the scored held-out pieces (whole pieces up to
+    `max_tokens` per domain, as `heldout_metrics`)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    out = {}
+    for d in domains or heldout.domains:
+        w = heldout.windows[d]
+        n_windows = w.prefix(max_tokens)[0]
+        n_pieces = _prefix_pieces(w, max_tokens)
+        per_window = window_nll(model, w, n_windows, device, precision, batch_size)
+        # Windows -> pieces -> documents, by cumulative sums at the boundaries.
+        piece_nll = np.add.reduceat(per_window, np.r_[0, w.piece_end[: n_pieces - 1]])
+        tokens = np.diff(np.r_[0, w.piece_tokens[:n_pieces]])
+        nbytes = np.diff(np.r_[0, w.piece_bytes[:n_pieces]])
+        doc = w.piece_document[:n_pieces]
+        n_docs = int(doc[-1]) + 1
+        out[d] = DocumentScores(
+            nll=np.bincount(doc, weights=piece_nll, minlength=n_docs),
+            tokens=np.bincount(doc, weights=tokens, minlength=n_docs),
+            bytes=np.bincount(doc, weights=nbytes, minlength=n_docs),
         )
-        total += float(nll.double())
-    return total
+    if was_training:
+        model.train()
+    return out
+
+
+def metrics_from_documents(scores: dict[str, DocumentScores]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for d, s in scores.items():
+        out.update(s.metrics(d))
+    return out
 
 
 def heldout_metrics(
@@ -172,31 +287,26 @@ def heldout_metrics(
 
     `max_tokens` lowers the per-domain budget below the one the set was built with
     (cheaper, noisier scores for successive halving)."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    out: dict[str, float] = {}
-    for d in domains or heldout.domains:
-        w = heldout.windows[d]
-        n_windows, n_tokens, n_bytes = w.prefix(max_tokens)
-        nll = heldout_nll(model, w, n_windows, device, precision, batch_size)
-        loss = nll / n_tokens
-        out[f"heldout/{d}/loss"] = loss
-        out[f"heldout/{d}/ppl"] = math.exp(min(loss, 700.0))
-        out[f"heldout/{d}/bpb"] = nll / (n_bytes * math.log(2))
-    if was_training:
-        model.train()
-    return out
+    scores = document_scores(model, heldout, device, precision, batch_size, max_tokens, domains)
+    return metrics_from_documents(scores)
 
 
-def format_eval_table(rows: list[dict], domains: list[str]) -> str:
+def format_eval_table(rows: list[dict], domains: list[str], measured: dict | None = None) -> str:
     """`merge-mix eval`'s table: one row per mixture; held-out loss per domain, the mean
-    over domains, mean bits per byte, then any benchmark metrics."""
+    over domains, mean bits per byte, then any benchmark metrics; then each mixture's
+    mean-loss difference from the first, with its interval. `measured` names the split and
+    its documents and tokens per domain."""
     extra = sorted({k for r in rows for k in r["metrics"] if not k.startswith("heldout/")})
     name_w = max(12, *(len(r["name"]) for r in rows)) + 2
     header = f"{'mixture':<{name_w}}" + "".join(f"{d[:11]:>12}" for d in domains)
     header += f"{'mean loss':>12}{'mean bpb':>10}" + "".join(f"{k[-24:]:>26}" for k in extra)
-    lines = ["held-out loss (nats/token) per domain", header]
+    title = "held-out loss (nats/token) per domain"
+    if measured:
+        docs = ", ".join(
+            f"{d} {measured['documents'][d]} docs/{measured['tokens'][d]:,} tokens" for d in domains
+        )
+        title += f", {measured['split']} split ({docs})"
+    lines = [title, header]
     for r in rows:
         m = r["metrics"]
         losses = [m[f"heldout/{d}/loss"] for d in domains]
@@ -211,4 +321,10 @@ def format_eval_table(rows: list[dict], domains: list[str]) -> str:
         w = " ".join(f"{d}={r['merge_weights'][d]:.3f}" for d in domains)
         e = " ".join(f"{d}={r['effective_mixture'][d]:.3f}" for d in domains)
         lines.append(f"{r['name']:<{name_w}}{w}  ->  {e}")
+    compared = [r for r in rows if r.get("mean_loss_vs_first")]
+    if compared:
+        lines.append("")
+        lines.append("mean held-out loss vs the first mixture (95% paired bootstrap over documents)")
+        for r in compared:
+            lines.append(f"{r['name']:<{name_w}}{r['mean_loss_vs_first']['sentence']}")
     return "\n".join(lines)

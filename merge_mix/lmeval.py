@@ -253,8 +253,13 @@ def make_tasks(
     n_choices: int = 4,
     seed: int = 0,
     continuation_tokens: int = 4,
+    split: str = "search",
 ) -> list[str]:
     """Write lm-eval tasks built from POOL's held-out data and return their names.
+
+    `split` is the held-out split the items come from: ``search`` (default; tasks a search
+    objective may select on) or ``test`` (tasks for final judgement only; write them to
+    another OUT, since the names are the same).
 
     Per domain: ``mm_<pool>_<domain>_ppl``, rolling perplexity (bits_per_byte,
     byte_perplexity, word_perplexity) on the first MAX_DOCS held-out pieces, and
@@ -274,6 +279,8 @@ def make_tasks(
         raise MergeMixError(f"n_choices: {n_choices} is fewer than 2")
     if continuation_tokens < 1:
         raise MergeMixError(f"continuation_tokens: {continuation_tokens} is not a positive count")
+    if split not in ("search", "test"):
+        raise MergeMixError(f"split: must be 'search' or 'test', not {split!r}")
     pool = Pool.open(pool_dir)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,6 +303,7 @@ def make_tasks(
         "seed": seed,
         "context_tokens": context,
         "continuation_tokens": continuation,
+        "split": split,
         "location": str(final),
     }
     source = _source_hash(pool, params)
@@ -316,7 +324,7 @@ def make_tasks(
             (staging / "data").mkdir(parents=True)
             record: dict[str, Any] = {}
             for d in pool.domains:
-                shard = Shard.open(pool.data_dir / d, "heldout")
+                shard = Shard.open(pool.data_dir / d, split)
                 ppl, inexact = _ppl_rows(tokenizer, shard, max_docs_per_domain)
                 if not ppl:
                     raise MergeMixError(f"domain {d!r}: no non-empty held-out piece")

@@ -32,7 +32,12 @@ from merge_mix.config import PoolSpec
 from merge_mix.errors import MergeMixError
 
 FORMAT = "merge-mix-pool"
-FORMAT_VERSION = 1
+# 2: held-out documents split into `search` and `test` (data/<d>/{search,test}.*),
+# piece indexes carry document numbers, cross-domain de-duplication and decontamination.
+FORMAT_VERSION = 2
+HELDOUT_SPLITS = ("search", "test")
+SHINGLES = "train.shingles.npy"
+DIGESTS = "documents.sha256"
 MANIFEST = "manifest.json"
 # Sections that, once built, a spec may not change for the same pool directory.
 FROZEN_SECTIONS = ("seed", "general_share", "general_mix", "data", "tokenizer", "model", "training")
@@ -48,6 +53,15 @@ def _log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Reading a pool
+
+
+def old_format_message(pool_dir: Path, version: int) -> str:
+    return (
+        f"{pool_dir}: pool format {version} has one held-out slice, not the search/test"
+        " splits and decontamination this merge-mix needs; rebuild it into a new output_dir"
+        " with `merge-mix train-components SPEC` (`merge-mix demo` after"
+        " `make clean-demo` for the demo pool)"
+    )
 
 
 @dataclass
@@ -81,6 +95,8 @@ class Pool:
                 f"{mpath}: pool format {manifest['format_version']} is newer than this"
                 f" merge-mix reads ({FORMAT_VERSION}); upgrade merge-mix"
             )
+        if manifest.get("format_version", 0) < FORMAT_VERSION:
+            raise MergeMixError(old_format_message(path, manifest.get("format_version", 0)))
         pool = cls(path=path, manifest=manifest)
         if require_complete and not manifest.get("complete"):
             missing = ", ".join(manifest.get("missing", [])) or "?"
@@ -219,19 +235,57 @@ def _check_same_spec(spec: PoolSpec, pool_dir: Path) -> None:
 
 
 def _prepare_data(spec: PoolSpec, pool_dir: Path) -> dict:
-    """Corpora, tokenizer and token shards for every spec domain not yet in data.json."""
-    from merge_mix.corpus import build_domain
+    """Corpora, tokenizer and token shards for every spec domain not yet in data.json:
+    read, de-duplicate within and across domains, split into train/search/test by
+    document, remove held-out near-duplicates of training text, tokenize."""
+    from merge_mix.corpus import check_corpus, read_domain, split_domain
+    from merge_mix.decontaminate import (
+        decontaminate,
+        drop_cross_domain_duplicates,
+        load_digests,
+        union,
+    )
     from merge_mix.tokens import load_tokenizer, token_dtype, train_tokenizer, write_shard
 
-    data_path = pool_dir / "data" / "data.json"
+    data_dir = pool_dir / "data"
+    data_path = data_dir / "data.json"
     data = read_json(data_path) if data_path.is_file() else {"domains": {}}
+    if data["domains"] and data.get("format_version", 1) < FORMAT_VERSION:
+        raise MergeMixError(old_format_message(pool_dir, data.get("format_version", 1)))
     todo = [d for d in spec.domains if d.name not in data["domains"]]
     if not todo:
         return data
-    corpora = {}
+    where = {d.name: f"{spec.spec_path}: domains.{d.name}" for d in todo}
+    docs, stats = {}, {}
     for d in todo:
         _log(f"[{spec.name}] reading domain {d.name!r}")
-        corpora[d.name] = build_domain(d, spec.data, f"{spec.spec_path}: domains.{d.name}")
+        docs[d.name], stats[d.name] = read_domain(d, where[d.name])
+    earlier = list(data["domains"])
+    earlier_digests = set().union(*(load_digests(data_dir / d / DIGESTS) for d in earlier))
+    cross = drop_cross_domain_duplicates(docs, earlier_digests)
+    corpora = {}
+    for name in docs:
+        stats[name]["cross_domain_duplicates_removed"] = cross[name]
+        corpora[name] = split_domain(name, docs[name], spec.data, stats[name])
+    del docs
+    _log(f"[{spec.name}] removing held-out near-duplicates of training text")
+    earlier_train = union(np.load(data_dir / d / SHINGLES) for d in earlier)
+    earlier_heldout = [
+        json.loads(line)["text"]
+        for d in earlier
+        for split in HELDOUT_SPLITS
+        for line in (data_dir / d / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    shingles, removed = decontaminate(
+        corpora,
+        spec.data.near_duplicate_threshold,
+        spec.data.shingle_words,
+        earlier_train,
+        earlier_heldout,
+    )
+    for name, corpus in corpora.items():
+        corpus.stats.update(removed[name])
+        check_corpus(corpus, where[name])
     tok_dir = pool_dir / "tokenizer"
     if not (tok_dir / "tokenizer_config.json").is_file():
         if spec.tokenizer.path is not None:
@@ -239,7 +293,7 @@ def _prepare_data(spec: PoolSpec, pool_dir: Path) -> dict:
         else:
             _log(f"[{spec.name}] training a {spec.tokenizer.vocab_size}-token byte-level BPE")
             tokenizer = train_tokenizer(
-                {k: v.train for k, v in corpora.items()},
+                {k: v.pieces("train") for k, v in corpora.items()},
                 spec.tokenizer.vocab_size,
                 spec.tokenizer.sample_bytes,
             )
@@ -250,17 +304,18 @@ def _prepare_data(spec: PoolSpec, pool_dir: Path) -> dict:
         tmp.rename(tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     data["token_dtype"] = token_dtype(len(tokenizer)).str
+    data["format_version"] = FORMAT_VERSION
     for name, corpus in corpora.items():
         _log(f"[{spec.name}] tokenizing domain {name!r}")
-        out = pool_dir / "data" / name
-        train = write_shard(tokenizer, corpus.train, out, "train")
-        heldout = write_shard(tokenizer, corpus.heldout, out, "heldout")
-        data["domains"][name] = {
-            "sources_hash": _sources_hash(spec, name),
-            "corpus": corpus.stats,
-            "train": train,
-            "heldout": heldout,
-        }
+        out = data_dir / name
+        entry = {"sources_hash": _sources_hash(spec, name), "corpus": corpus.stats}
+        for split in ("train", *HELDOUT_SPLITS):
+            entry[split] = write_shard(
+                tokenizer, corpus.splits[split], out, split, keep_text=split != "train"
+            )
+        np.save(out / SHINGLES, shingles[name])
+        (out / DIGESTS).write_text("".join(f"{h}\n" for h in corpus.digests))
+        data["domains"][name] = entry
     write_json_atomic(data_path, data)
     return data
 
@@ -291,8 +346,10 @@ def _check_budgets(spec: PoolSpec, data: dict, general: dict[str, float], base_n
 def _heldout_set(pool_dir: Path, domains: list[str], spec: PoolSpec, bos: int):
     from merge_mix.evaluate import HeldoutSet
 
+    # Training-time monitoring and the records' losses read the search split: the test
+    # split is kept for final verdicts.
     return HeldoutSet.from_pool_data(
-        pool_dir / "data", domains, bos, spec.model.seq_len, spec.training.eval_tokens
+        pool_dir / "data", domains, bos, spec.model.seq_len, spec.training.eval_tokens, "search"
     )
 
 
@@ -369,6 +426,7 @@ def _train_member(
         "steps": result.steps,
         "world_size": world,
         "heldout": losses,
+        "heldout_split": "search",
         "heldout_tokens": spec.training.eval_tokens,
         "final_train_loss": round(result.final_train_loss, 6),
         "parameters": count_parameters(model),
@@ -613,12 +671,16 @@ def format_pool_table(pool_dir: Path) -> str:
     )
     all_domains = list(m["data"])
     lines.append("")
-    header = f"{'domain':<14}{'train tok':>11}{'heldout tok':>13}{'comp tok':>11}{'epochs own':>12}"
-    lines.append(header)
+    header = f"{'domain':<14}{'train tok':>11}{'search tok (docs)':>20}{'test tok (docs)':>20}"
+    lines.append(header + f"{'comp tok':>11}{'epochs own':>12}")
     for d in all_domains:
         c = m["components"].get(d)
+        held = "".join(
+            f"{m['data'][d][s]['tokens']:>12,} ({m['data'][d][s]['documents']:>5,})"
+            for s in HELDOUT_SPLITS
+        )
         lines.append(
-            f"{d:<14}{m['data'][d]['train']['tokens']:>11,}{m['data'][d]['heldout']['tokens']:>13,}"
+            f"{d:<14}{m['data'][d]['train']['tokens']:>11,}{held}"
             + (
                 f"{c['tokens_seen']:>11,}{c['epochs'].get(d, 0):>12.2f}"
                 if c
@@ -626,7 +688,10 @@ def format_pool_table(pool_dir: Path) -> str:
             )
         )
     lines.append("")
-    lines.append("held-out loss (nats/token); rows: model, columns: evaluated domain")
+    lines.append(
+        "held-out loss (nats/token) on the search split, first training.eval_tokens tokens"
+        " per domain; rows: model, columns: evaluated domain"
+    )
     lines.append(f"{'model':<14}" + "".join(f"{d:>12}" for d in all_domains))
     rows = [("base", m["base"])] + [(f"{d}", c) for d, c in m["components"].items()]
     for name, rec in rows:

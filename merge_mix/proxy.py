@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from merge_mix.errors import MergeMixError
-from merge_mix.evaluate import HeldoutSet, heldout_metrics
+from merge_mix.evaluate import HeldoutSet
 from merge_mix.merge import effective_mixture, merger_for_pool, resolve_weights
 from merge_mix.model import pick_device
 from merge_mix.pool import Pool
 
-DEFAULT_HELDOUT_TOKENS = 16_384
+DEFAULT_HELDOUT_TOKENS = None
+"""The default scoring budget: every piece of the split (a cap is the user's choice)."""
 
 
 class ProxyScorer:
@@ -35,6 +36,7 @@ class ProxyScorer:
         device: str = "auto",
         precision: str = "fp32",
         heldout_tokens: int | None = DEFAULT_HELDOUT_TOKENS,
+        split: str = "search",
         keep_base: tuple[str, ...] = (),
         stream: bool = False,
         batch_size: int = 16,
@@ -57,10 +59,20 @@ class ProxyScorer:
         self.batch_size = batch_size
         self.domains = self.pool.domains
         self.merger = merger_for_pool(self.pool, self.device, keep_base, stream)
+        if split not in ("search", "test"):
+            raise MergeMixError(f"split: must be 'search' or 'test', not {split!r}")
         self.heldout = HeldoutSet.from_pool_data(
-            self.pool.data_dir, self.domains, self.pool.bos_id, self.pool.seq_len, heldout_tokens
+            self.pool.data_dir,
+            self.domains,
+            self.pool.bos_id,
+            self.pool.seq_len,
+            heldout_tokens,
+            split,
         )
         self.heldout_tokens = heldout_tokens
+        self.split = split
+        self._test: HeldoutSet | None = None
+        self.last_documents: dict = {}
         self.natural_mixture = self.pool.natural_mixture()
         self.available_tokens = self.pool.available_tokens()
         self.general = self.pool.general_mixture()
@@ -68,6 +80,8 @@ class ProxyScorer:
         self.lmeval_tasks = list(lmeval_tasks or [])
         self.lmeval_include = lmeval_include
         self.lmeval_limit = lmeval_limit
+        if calibration is not None:
+            calibration.check_scorer(heldout_tokens, split)
         self.calibration = calibration
         self._tokenizer = None
         self.last_cost_s = 0.0
@@ -99,14 +113,16 @@ class ProxyScorer:
     def score(self, weights: np.ndarray, budget_tokens: int | None = None) -> dict[str, float]:
         """Merge `weights` in place and return every metric (see evaluate.py for names).
 
-        `budget_tokens` scores only the first pieces of each domain, up to that many
-        tokens (cheaper, noisier; never more than the set was built with)."""
+        `budget_tokens` scores only the first pieces of each domain of the search split, up
+        to that many tokens (cheaper, noisier; never more than the set was built with).
+        Calibrated metrics are added only at the full budget: the gaps were fitted there."""
         if budget_tokens is not None and self.heldout_tokens is not None:
             budget_tokens = min(budget_tokens, self.heldout_tokens)
         started = time.perf_counter()
         model = self.merger.merge(np.asarray(weights, dtype=np.float64))
         metrics = self.evaluate(model, budget_tokens)
-        if self.calibration is not None:
+        full = budget_tokens is None or self.heldout.tokens(budget_tokens) == self.heldout.tokens()
+        if self.calibration is not None and full:
             metrics.update(self.calibration.apply(np.asarray(weights), metrics))
         self.last_cost_s = time.perf_counter() - started
         return metrics
@@ -114,10 +130,14 @@ class ProxyScorer:
     def evaluate(self, model, budget_tokens: int | None = None) -> dict[str, float]:
         """Held-out metrics, and the lm-eval tasks' if any, of any model on this device
         (a merged proxy, or a reference model for validation): the same evaluators, windows
-        and settings for both. No calibration."""
-        metrics = heldout_metrics(
+        and settings for both. No calibration. The per-document sums behind the held-out
+        metrics are kept in `last_documents` (for paired comparisons)."""
+        from merge_mix.evaluate import document_scores, metrics_from_documents
+
+        self.last_documents = document_scores(
             model, self.heldout, self.device, self.precision, self.batch_size, budget_tokens
         )
+        metrics = metrics_from_documents(self.last_documents)
         if self.lmeval_tasks:
             from merge_mix.lmeval import evaluate_tasks
 
@@ -134,6 +154,27 @@ class ProxyScorer:
                 )
             )
         return metrics
+
+    def test_set(self) -> HeldoutSet:
+        """Every piece of the test split (built on first use): what verdicts are judged on."""
+        if self.split == "test":
+            return self.heldout
+        if self._test is None:
+            self._test = HeldoutSet.from_pool_data(
+                self.pool.data_dir, self.domains, self.pool.bos_id, self.pool.seq_len, None, "test"
+            )
+        return self._test
+
+    def document_scores(self, weights: np.ndarray, split: str = "test"):
+        """Per-document held-out sums of the proxy for `weights` on `split` (the whole test
+        split, or this scorer's search set): what paired comparisons resample."""
+        from merge_mix.evaluate import document_scores
+
+        heldout = self.test_set() if split == "test" else self.heldout
+        if heldout.split != split:
+            raise MergeMixError(f"this scorer reads the {self.split} split, not {split!r}")
+        model = self.merger.merge(np.asarray(weights, dtype=np.float64))
+        return document_scores(model, heldout, self.device, self.precision, self.batch_size)
 
     def differentiable_params(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """``theta(w)`` as tensors that carry gradients to `weights` (for

@@ -1,15 +1,21 @@
 """Turn a search run directory into report.md and a self-contained report.html.
 
-Reads `trials.jsonl` and `best.json` (and `run.json` if present) written by
+Reads `trials.jsonl` and `best.json` (and `verdict.json`, `run.json` if present) written by
 `merge_mix.search`, and writes next to them:
   report.md, report.html          the same sections; the HTML embeds its plots as base64 PNG
-  objective_over_trials.png       every trial's objective, with the best-so-far line
-  domain_losses.png               per-domain held-out loss: best mixtures vs the baselines
+  test_comparisons.png            the verdict: every test-split comparison's gain with its interval
+  test_domain_losses.png          per-domain test-split loss, pick vs uniform, and the gain's interval
+  objective_over_trials.png       every trial's objective (search split), with the best-so-far line
+  domain_losses.png               per-domain loss on the search split: best mixtures vs baselines
   top_weights.png                 merge weights of the best trials, stacked
   ternary.png                     objective over the simplex (exactly 3 domains only)
 
-The report says plainly whether the best mixture beats the uniform baseline on the objective
-(Aioli: uniform is the baseline to beat). Plots use matplotlib's Agg canvas, never pyplot.
+The headline is the verdict on the test split (`merge_mix.search.verdict`): the pick is
+better than, not distinguishable from, or worse than the uniform mixture (Aioli: uniform is
+the baseline to beat), with a paired bootstrap interval. A run without a verdict is said to
+be "not judged on the test split" and no gain is claimed. Numbers from the search split are
+kept but labelled as such: the pick was selected on them, so they are biased in its favour.
+Every plot axis names its unit. Plots use matplotlib's Agg canvas, never pyplot.
 """
 
 from __future__ import annotations
@@ -17,18 +23,29 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from merge_mix.artifacts import write_atomic
 from merge_mix.errors import MergeMixError
-
-TOP_TRIALS = 10
-BEST_BARS = 3
+from merge_mix.report_plots import (
+    METRIC_UNITS,
+    SEARCH_SPLIT,
+    TOP_TRIALS,
+    comparison_sides,
+    figure_comparisons,
+    figure_domain_losses,
+    figure_objective,
+    figure_ternary,
+    figure_test_domains,
+    figure_top_weights,
+    gain_interval,
+    loss_metric,
+    save_png,
+)
 
 
 @dataclass(frozen=True)
@@ -38,8 +55,13 @@ class Report:
     markdown: Path
     html: Path
     plots: list[Path]
+    headline: str
+    """The report's first sentence: the test-split verdict, or that there is none."""
+    verdict: str | None
+    """The test-split verdict against uniform: "better", "not distinguishable", "worse", or
+    None when the pick was not judged on the test split."""
     beats_uniform: bool | None
-    """Whether the best mixture beats the uniform baseline (None: no uniform baseline)."""
+    """True only when the test-split verdict is "better"; None when there is no verdict."""
 
 
 def _load(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
@@ -57,165 +79,70 @@ def _load(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str
     return rows, best, run
 
 
-def verdict(best: Mapping[str, Any]) -> tuple[str, bool | None]:
-    """The sentence on best vs uniform, and whether it beats it (None: no uniform trial)."""
-    uniform = best["baselines"].get("uniform")
-    if uniform is None:
-        return "No uniform baseline was scored, so nothing can be said against it.", None
-    numbers = f"{best['objective']:.4f} vs {uniform['objective']:.4f}"
-    if uniform["beaten"]:
-        delta = best["objective"] - uniform["objective"]
+def load_verdict(run_dir: Path, best: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The test-split verdict on the best trial (best.json's ``test``, else a verdict.json
+    made for the same trial), and, when there is none, why."""
+    if best.get("test"):
+        return dict(best["test"]), ""
+    path = Path(run_dir) / "verdict.json"
+    if not path.is_file():
+        return None, "the run has no verdict.json (an older run, or the verdict was skipped)"
+    try:
+        judged = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MergeMixError(f"report: {path} is malformed JSON ({err})") from None
+    if judged.get("trial") != best["number"]:
+        return None, (
+            f"verdict.json judged trial #{judged.get('trial')}, not the current best "
+            f"#{best['number']}; run the search again to judge it"
+        )
+    return {k: v for k, v in judged.items() if k != "settings"}, ""
+
+
+def objective_unit(best: Mapping[str, Any], test: Mapping[str, Any] | None = None) -> str:
+    """The unit of the run's objective: the verdict's, else derived from the objective spec."""
+    if test and test.get("unit"):
+        return str(test["unit"])
+    from merge_mix.compare import unit_of
+    from merge_mix.objective import objective_from_dict
+
+    try:
+        return unit_of(objective_from_dict(best["objective_spec"]))
+    except (KeyError, MergeMixError):
+        return "objective units"
+
+
+def headline(best: Mapping[str, Any], test: Mapping[str, Any] | None, why: str = "") -> str:
+    """The report's first sentence: the pick's test-split verdict against uniform."""
+    pick = f"the pick (trial #{best['number']}, {best['kind']})"
+    if test is None:
         return (
-            f"The best mixture beats the uniform baseline on the objective: {numbers} "
-            f"({delta:+.4f}).",
-            True,
+            f"Not judged on the test split: {pick} was selected on the search split and has "
+            "no test-split verdict, so this report claims no gain over uniform"
+            + (f" ({why})." if why else ".")
         )
-    return (
-        f"The best mixture does not beat the uniform baseline on the objective ({numbers}); "
-        "the uniform mixture is as good as anything this search found.",
-        False,
+    uniform = test["comparisons"]["uniform"]
+    return f"Verdict: {pick} is {uniform['sentence']}."
+
+
+def measured_on(test: Mapping[str, Any]) -> str:
+    """Where and how the verdict was measured: documents and tokens per domain, confidence."""
+    uniform = test["comparisons"]["uniform"]
+    per_domain = ", ".join(
+        f"{d} {n:,} documents / {test['tokens'][d]:,} tokens" for d, n in test["documents"].items()
     )
-
-
-def _loss_metric(rows: Sequence[Mapping[str, Any]], domain: str) -> str:
-    for metric in ("loss", "bpb", "ppl"):
-        if f"heldout/{domain}/{metric}" in rows[0]["metrics"]:
-            return metric
-    return "loss"
-
-
-def _new_figure(width: float = 7.0, height: float = 4.0) -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
-def _png(fig: Any, path: Path) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    data = buffer.getvalue()
-    write_atomic(path, data)
-    return data
-
-
-def _clip_top(values: np.ndarray) -> float:
-    # Penalised (infeasible) trials can sit orders of magnitude above the rest.
-    return float(np.quantile(values, 0.9)) if len(values) > 5 else float(values.max())
-
-
-def plot_objective(rows: Sequence[Mapping[str, Any]], path: Path) -> bytes:
-    """Objective per trial, coloured by what proposed it, with the best-so-far line."""
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    numbers = np.array([r["number"] for r in rows])
-    values = np.array([r["objective"] for r in rows], dtype=float)
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        label = r["kind"].split(":")[0] + ("" if r["full_budget"] else " (small budget)")
-        groups.setdefault(label, []).append(i)
-    for label, index in sorted(groups.items()):
-        alpha = 0.35 if "small budget" in label else 0.9
-        ax.scatter(numbers[index], values[index], s=18, alpha=alpha, label=label)
-    full = [i for i, r in enumerate(rows) if r["full_budget"] and r["feasible"]]
-    if full:
-        best_so_far = np.minimum.accumulate(values[full])
-        ax.step(numbers[full], best_so_far, where="post", color="black", lw=1.5, label="best")
-    low, high = float(values.min()), _clip_top(values)
-    pad = 0.05 * (high - low or 1.0)
-    ax.set_ylim(low - pad, high + pad)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("objective (lower is better)")
-    ax.legend(fontsize=8)
-    return _png(fig, path)
-
-
-def plot_domain_losses(
-    rows: Sequence[Mapping[str, Any]], best: Mapping[str, Any], path: Path
-) -> bytes:
-    """Grouped bars: held-out loss per domain for the best mixtures and the baselines."""
-    domains = best["domains"]
-    full = sorted((r for r in rows if r["full_budget"]), key=lambda r: r["objective"])
-    chosen = [r for r in full if not r["kind"].startswith("baseline:")][:BEST_BARS]
-    chosen += [
-        r for name in ("uniform", "natural") for r in full if r["kind"] == f"baseline:{name}"
-    ]
-    metric = _loss_metric(rows, domains[0])
-    fig = _new_figure(max(6.0, 1.4 * len(domains) + 3), 4.0)
-    ax = fig.add_subplot()
-    width = 0.8 / max(len(chosen), 1)
-    x = np.arange(len(domains))
-    for j, r in enumerate(chosen):
-        heights = [r["metrics"].get(f"heldout/{d}/{metric}", np.nan) for d in domains]
-        label = (
-            r["kind"].removeprefix("baseline:")
-            if r["kind"].startswith("baseline:")
-            else (f"#{r['number']} {r['kind']}")
+    text = (
+        f"Measured on every document of the test split, which the search never read "
+        f"({per_domain}); {uniform['confidence']:.0%} paired bootstrap intervals over "
+        f"documents ({uniform['n_boot']} resamples). A gain is how much lower the first "
+        f"mixture's objective is than the other's, in {test['unit']}: positive favours it."
+    )
+    if test.get("fixed_terms"):
+        text += (
+            " Benchmark terms (" + ", ".join(test["fixed_terms"]) + ") were held at their "
+            "search-split values, so the intervals cover the held-out terms only."
         )
-        ax.bar(x + (j - (len(chosen) - 1) / 2) * width, heights, width, label=label)
-    values = [r["metrics"].get(f"heldout/{d}/{metric}", np.nan) for r in chosen for d in domains]
-    finite = [v for v in values if np.isfinite(v)]
-    if finite:
-        spread = max(finite) - min(finite) or 1.0
-        ax.set_ylim(min(finite) - 0.2 * spread, max(finite) + 0.1 * spread)
-    ax.set_xticks(x, domains)
-    ax.set_ylabel(f"held-out {metric}")
-    ax.legend(fontsize=8)
-    return _png(fig, path)
-
-
-def plot_top_weights(rows: Sequence[Mapping[str, Any]], domains: list[str], path: Path) -> bytes:
-    """Stacked merge weights of the best full-budget trials, best on the left."""
-    top = sorted((r for r in rows if r["full_budget"]), key=lambda r: r["objective"])[:TOP_TRIALS]
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    x = np.arange(len(top))
-    bottom = np.zeros(len(top))
-    for d in domains:
-        heights = np.array([r["merge_weights"][d] for r in top])
-        ax.bar(x, heights, 0.7, bottom=bottom, label=d)
-        bottom += heights
-    ax.set_xticks(x, [f"#{r['number']}" for r in top], rotation=45, fontsize=8)
-    ax.set_ylabel("merge weight")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc="upper right")
-    return _png(fig, path)
-
-
-def plot_ternary(rows: Sequence[Mapping[str, Any]], domains: list[str], path: Path) -> bytes:
-    """Objective over the 3-domain simplex of merge weights, interpolated between trials."""
-    from matplotlib.tri import Triangulation
-
-    full = [r for r in rows if r["full_budget"]]
-    w = np.array([[r["merge_weights"][d] for d in domains] for r in full])
-    values = np.array([r["objective"] for r in full], dtype=float)
-    values = np.minimum(values, _clip_top(values))
-    x = w[:, 1] + 0.5 * w[:, 2]
-    y = np.sqrt(3) / 2 * w[:, 2]
-    fig = _new_figure(5.5, 5.0)
-    ax = fig.add_subplot()
-    points = np.unique(np.round(np.c_[x, y], 9), axis=0)
-    if len(points) >= 3 and np.linalg.matrix_rank(points - points.mean(axis=0)) == 2:
-        _, keep = np.unique(np.round(np.c_[x, y], 9), axis=0, return_index=True)
-        mesh = ax.tricontourf(Triangulation(x[keep], y[keep]), values[keep], levels=14)
-        fig.colorbar(mesh, ax=ax, label="objective (clipped at 90th percentile)")
-    ax.scatter(x, y, c="white", edgecolors="black", s=14, linewidths=0.5)
-    i = int(np.argmin(values))
-    ax.scatter([x[i]], [y[i]], marker="*", s=180, c="red", edgecolors="black", label="best")
-    ax.plot([0, 1, 0.5, 0], [0, 0, np.sqrt(3) / 2, 0], color="black", lw=1)
-    for (cx, cy), name in zip([(0, 0), (1, 0), (0.5, np.sqrt(3) / 2)], domains, strict=True):
-        ax.annotate(
-            name,
-            (cx, cy),
-            textcoords="offset points",
-            xytext=(0, -12 if cy == 0 else 6),
-            ha="center",
-        )
-    ax.set_aspect("equal")
-    ax.axis("off")
-    ax.legend(fontsize=8, loc="upper right")
-    return _png(fig, path)
+    return text
 
 
 def _fmt(value: Any) -> str:
@@ -226,33 +153,148 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _interval(c: Mapping[str, Any]) -> str:
+    gain, lo, hi = gain_interval(c)
+    return f"{gain:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def _verdict_blocks(
+    rows: list[dict[str, Any]], best: dict[str, Any], test: dict[str, Any]
+) -> list[tuple[str, Any]]:
+    """The test-split section: comparisons, objective per mixture, per-domain losses."""
+    unit = test["unit"]
+    confidence = test["comparisons"]["uniform"]["confidence"]
+    blocks: list[tuple[str, Any]] = [("h2", "Verdict on the test split")]
+    blocks.append(
+        (
+            "table",
+            (
+                [
+                    "comparison",
+                    f"gain ({unit}) [{confidence:.0%} interval]",
+                    "verdict",
+                ],
+                [
+                    [f"{a} vs {b}", _interval(c), c["verdict"]]
+                    for a, b, c in (
+                        (*comparison_sides(name), c) for name, c in test["comparisons"].items()
+                    )
+                ],
+            ),
+        )
+    )
+    blocks.append(("img", "test_comparisons.png"))
+
+    search_objective = {
+        "pick": (best["number"], best["objective"]),
+        **{
+            name: (base["number"], base["objective"])
+            for name, base in best["baselines"].items()
+            if base is not None
+        },
+    }
+    by_number = {r["number"]: r for r in rows}
+    table = []
+    for name, value in test["objective"].items():
+        number, searched = search_objective.get(name, (None, None))
+        found = re.search(r"#(\d+)", name)
+        if number is None and found:
+            number = int(found.group(1))
+            searched = by_number.get(number, {}).get("objective")
+        table.append([name, "" if number is None else f"#{number}", _fmt(value), _fmt(searched)])
+    blocks.append(("h2", "Objective per mixture: test split and search split"))
+    blocks.append(
+        (
+            "p",
+            "The search split is where the pick was selected, so its number there is biased "
+            "in its favour; the test split is not.",
+        )
+    )
+    blocks.append(
+        (
+            "table",
+            (
+                ["mixture", "trial", f"test split ({unit})", f"{SEARCH_SPLIT} ({unit})"],
+                table,
+            ),
+        )
+    )
+
+    per = test["per_domain_loss"]
+    blocks.append(("h2", "Per-domain loss on the test split: pick vs uniform"))
+    blocks.append(
+        (
+            "table",
+            (
+                [
+                    "domain",
+                    "pick loss (nats/token)",
+                    "uniform loss (nats/token)",
+                    f"gain (nats/token) [{confidence:.0%} interval]",
+                    "verdict",
+                ],
+                [
+                    [d, _fmt(c["pick"]), _fmt(c["uniform"]), _interval(c), c["verdict"]]
+                    for d, c in per.items()
+                ],
+            ),
+        )
+    )
+    blocks.append(("img", "test_domain_losses.png"))
+    return blocks
+
+
 def _sections(
-    rows: list[dict[str, Any]], best: dict[str, Any], run: dict[str, Any], sentence: str
+    rows: list[dict[str, Any]],
+    best: dict[str, Any],
+    run: dict[str, Any],
+    test: dict[str, Any] | None,
+    first: str,
 ) -> list[tuple[str, Any]]:
     """The report as blocks: ("h2", text), ("p", text), ("table", (header, rows)), ("img", name)."""
     domains = best["domains"]
     spec = best.get("objective_spec", {})
-    blocks: list[tuple[str, Any]] = [("p", f"**{sentence}**")]
+    unit = objective_unit(best, test)
+    blocks: list[tuple[str, Any]] = [("p", f"**{first}**")]
+    if test is not None:
+        blocks.append(("p", measured_on(test)))
     if not best["feasible"]:
         blocks.append(("p", "No scored mixture satisfies the objective's constraints."))
     config = run.get("config", {})
     blocks.append(
         (
             "p",
-            f"Objective `{spec.get('name', '?')}` (lower is better) over {len(domains)} domains "
-            f"({', '.join(domains)}); {len(rows)} trials"
+            f"Objective `{spec.get('name', '?')}` (lower is better, in {unit}) over "
+            f"{len(domains)} domains ({', '.join(domains)}); {len(rows)} trials"
             + (f", sampler `{config['sampler']}`" if "sampler" in config else "")
-            + f". Best: trial #{best['number']} ({best['kind']}), objective "
-            f"{best['objective']:.4f}" + ("" if best["feasible"] else " (infeasible)") + ".",
+            + f". The pick is trial #{best['number']} ({best['kind']}), selected on the "
+            f"search split with objective {best['objective']:.4f} there"
+            + ("" if best["feasible"] else " (infeasible)")
+            + ".",
         )
     )
+    if test is not None:
+        blocks += _verdict_blocks(rows, best, test)
 
-    blocks.append(("h2", "Best mixture against the baselines"))
-    metric = _loss_metric(rows, domains[0])
-    header = ["mixture", "objective"] + [f"{d} {metric}" for d in domains]
+    blocks.append(("h2", "On the search split, where the pick was selected"))
+    metric = loss_metric(rows, domains[0])
+    uniform = best["baselines"].get("uniform")
+    text = (
+        "Every number in this section and below is measured on the search split, the data "
+        "the pick was selected on, so it is biased in the pick's favour"
+        + ("; the verdict above is measured on the test split." if test else ".")
+    )
+    if uniform is not None:
+        text += (
+            f" There the pick's objective is {best['objective']:.4f} {unit} against uniform's "
+            f"{uniform['objective']:.4f} ({best['objective'] - uniform['objective']:+.4f})."
+        )
+    blocks.append(("p", text))
+    metric_unit = METRIC_UNITS[metric]
+    header = ["mixture", f"objective ({unit})"] + [f"{d} {metric} ({metric_unit})" for d in domains]
     by_number = {r["number"]: r for r in rows}
     table = [
-        ["best #" + str(best["number"]), _fmt(best["objective"])]
+        ["pick #" + str(best["number"]), _fmt(best["objective"])]
         + [_fmt(best["metrics"].get(f"heldout/{d}/{metric}")) for d in domains]
     ]
     for name, base in best["baselines"].items():
@@ -269,16 +311,17 @@ def _sections(
     blocks.append(("p", f"Merge weights: {weights}. Effective data mixture: {mixture}."))
     blocks.append(("img", "domain_losses.png"))
 
-    blocks.append(("h2", "Objective over trials"))
+    blocks.append(("h2", "Objective over trials (search split)"))
     blocks.append(("img", "objective_over_trials.png"))
 
-    blocks.append(("h2", "Top trials"))
+    blocks.append(("h2", "Top trials (search split)"))
     top = sorted((r for r in rows if r["full_budget"]), key=lambda r: r["objective"])[:TOP_TRIALS]
     blocks.append(
         (
             "table",
             (
-                ["trial", "kind", "worker", "objective", "feasible"] + domains,
+                ["trial", "kind", "worker", f"objective ({unit})", "feasible"]
+                + [f"{d} merge weight" for d in domains],
                 [
                     [
                         str(r["number"]),
@@ -295,7 +338,7 @@ def _sections(
     )
     blocks.append(("img", "top_weights.png"))
     if len(domains) == 3:
-        blocks.append(("h2", "Objective over the simplex"))
+        blocks.append(("h2", "Objective over the simplex (search split)"))
         blocks.append(("img", "ternary.png"))
 
     for worker, summary in (best.get("halving") or {}).items():
@@ -313,13 +356,13 @@ def _sections(
 
     surrogate = best.get("surrogate")
     if surrogate and "fits" in surrogate:
-        blocks.append(("h2", "Surrogate"))
+        blocks.append(("h2", "Surrogate (search split)"))
         blocks.append(
             (
                 "p",
                 f"Averaged the top {surrogate['top_k']} of {surrogate['candidates']} simulated "
-                f"mixtures; predicted objective {surrogate['predicted_objective']:.4f}, scored "
-                f"{surrogate['objective']:.4f} (trial #{surrogate['number']}).",
+                f"mixtures; predicted objective {surrogate['predicted_objective']:.4f} {unit}, "
+                f"scored {surrogate['objective']:.4f} (trial #{surrogate['number']}).",
             )
         )
         blocks.append(
@@ -411,17 +454,30 @@ def write_report(run_dir: Path) -> Report:
     if not rows:
         raise MergeMixError(f"report: {run_dir / 'trials.jsonl'} has no trials")
     domains = best["domains"]
-    sentence, beats = verdict(best)
-    images = {
-        "objective_over_trials.png": plot_objective(rows, run_dir / "objective_over_trials.png"),
-        "domain_losses.png": plot_domain_losses(rows, best, run_dir / "domain_losses.png"),
-        "top_weights.png": plot_top_weights(rows, domains, run_dir / "top_weights.png"),
-    }
+    test, why = load_verdict(run_dir, best)
+    unit = objective_unit(best, test)
+    figures = {}
+    if test is not None:
+        figures["test_comparisons.png"] = figure_comparisons(test)
+        figures["test_domain_losses.png"] = figure_test_domains(test)
+    figures["objective_over_trials.png"] = figure_objective(rows, unit)
+    figures["domain_losses.png"] = figure_domain_losses(rows, best)
+    figures["top_weights.png"] = figure_top_weights(rows, domains)
     if len(domains) == 3:
-        images["ternary.png"] = plot_ternary(rows, domains, run_dir / "ternary.png")
+        figures["ternary.png"] = figure_ternary(rows, domains, unit)
+    images = {name: save_png(fig, run_dir / name) for name, fig in figures.items()}
+    first = headline(best, test, why)
     title = f"Mixture search: {run_dir.name}"
-    blocks = _sections(rows, best, run, sentence)
+    blocks = _sections(rows, best, run, test, first)
     markdown, page = run_dir / "report.md", run_dir / "report.html"
     write_atomic(markdown, render_markdown(title, blocks))
     write_atomic(page, render_html(title, blocks, images))
-    return Report(markdown, page, [run_dir / name for name in images], beats)
+    verdict = None if test is None else test["verdict"]
+    return Report(
+        markdown,
+        page,
+        [run_dir / name for name in images],
+        first,
+        verdict,
+        None if verdict is None else verdict == "better",
+    )

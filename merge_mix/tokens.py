@@ -1,11 +1,15 @@
 """Tokenizer and token shards: text pieces -> flat memory-mapped token arrays.
 
-Each domain and split is tokenized once into ``data/<domain>/<split>.tokens``, a flat
-little-endian array (uint16 when the vocabulary fits, else uint32) holding every piece as
-``BOS tokens... EOS``, and ``<split>.index.npy``, an int64 array with one row per piece:
-``(start, n_tokens, n_bytes)``, where ``start`` is the offset of the piece's first text
-token (after its BOS) and ``n_tokens`` excludes BOS and EOS. Training samples windows
-from the flat stream; held-out scoring reads pieces through the index.
+Each domain and split (``train``, ``search``, ``test``) is tokenized once into
+``data/<domain>/<split>.tokens``, a flat little-endian array (uint16 when the vocabulary
+fits, else uint32) holding every piece as ``BOS tokens... EOS``, and
+``<split>.index.npy``, an int64 array with one row per piece:
+``(start, n_tokens, n_bytes, document)``, where ``start`` is the offset of the piece's
+first text token (after its BOS), ``n_tokens`` excludes BOS and EOS, and ``document``
+numbers the source document the piece was cut from (pieces of one document are
+contiguous; bootstrap intervals resample whole documents). The held-out splits also keep
+their text, ``<split>.jsonl``. Training samples windows from the flat stream; held-out
+scoring reads pieces through the index.
 
 `MixtureSampler` draws training sequences from several domains in given proportions.
 A batch is a pure function of (seed, step, micro-step), so a resumed run needs no
@@ -15,6 +19,7 @@ same global batch and keep its own slice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,27 +98,42 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def write_shard(
-    tokenizer, pieces: Sequence[str], out_dir: Path, split: str, batch: int = 512
+    tokenizer,
+    documents: Sequence[Sequence[str]],
+    out_dir: Path,
+    split: str,
+    batch: int = 512,
+    keep_text: bool = False,
 ) -> dict[str, int]:
-    """Tokenize `pieces` into `<split>.tokens` + `<split>.index.npy`; return counts."""
+    """Tokenize `documents` (each a list of pieces) into `<split>.tokens` +
+    `<split>.index.npy`; with `keep_text`, also `<split>.jsonl` (one piece a line, with its
+    document number). Returns counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     bos, eos = special_ids(tokenizer)
     dtype = token_dtype(len(tokenizer))
-    index = np.zeros((len(pieces), 3), dtype=np.int64)
+    pieces = [(i, p) for i, doc in enumerate(documents) for p in doc]
+    index = np.zeros((len(pieces), 4), dtype=np.int64)
     tmp = out_dir / f"{split}.tokens.tmp"
+    text_tmp = out_dir / f"{split}.jsonl.tmp"
     pos = 0
-    with tmp.open("wb") as fh:
+    text_out = text_tmp.open("w", encoding="utf-8") if keep_text else contextlib.nullcontext()
+    with tmp.open("wb") as fh, text_out as th:
         for lo in range(0, len(pieces), batch):
-            chunk = list(pieces[lo : lo + batch])
-            ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            for j, (text, toks) in enumerate(zip(chunk, ids, strict=True)):
+            chunk = pieces[lo : lo + batch]
+            ids = tokenizer([p for _, p in chunk], add_special_tokens=False)["input_ids"]
+            for j, ((doc, text), toks) in enumerate(zip(chunk, ids, strict=True)):
                 arr = np.asarray([bos, *toks, eos], dtype=dtype)
                 fh.write(arr.tobytes())
-                index[lo + j] = (pos + 1, len(toks), len(text.encode("utf-8")))
+                index[lo + j] = (pos + 1, len(toks), len(text.encode("utf-8")), doc)
                 pos += len(arr)
+                if th is not None:
+                    th.write(json.dumps({"document": doc, "text": text}) + "\n")
     np.save(out_dir / f"{split}.index.npy", index)
+    if keep_text:
+        text_tmp.replace(out_dir / f"{split}.jsonl")
     tmp.replace(out_dir / f"{split}.tokens")
     return {
+        "documents": len(documents),
         "pieces": len(pieces),
         "tokens": int(index[:, 1].sum()),
         "stream_tokens": pos,
@@ -142,7 +162,7 @@ class Shard:
         return cls(tokens=tokens, index=index)
 
     def piece(self, i: int) -> np.ndarray:
-        start, n, _ = self.index[i]
+        start, n = self.index[i, 0], self.index[i, 1]
         return np.asarray(self.tokens[start : start + n], dtype=np.int64)
 
 

@@ -45,15 +45,15 @@ def tiny_spec_dict(root: Path, output: str = "pool") -> dict:
         "domains": {
             "code": {
                 "sources": [
-                    {"files": str(stdlib / "json" / "*.py")},
-                    {"files": str(stdlib / "email" / "*.py")},
+                    {"files": str(stdlib / sub / "*.py")}
+                    for sub in ("email", "json", "importlib", "logging", "urllib", "xml/dom")
                 ],
-                "max_bytes": 200_000,
+                "max_bytes": 300_000,
             },
             "c": {"sources": [{"files": str(include / "*.h")}], "max_bytes": 200_000},
-            "prose": {"sources": [{"jsonl": str(prose)}], "max_bytes": 200_000},
+            "prose": {"sources": [{"jsonl": str(prose)}], "max_bytes": 400_000},
         },
-        "data": {"heldout_fraction": 0.15, "max_doc_bytes": 2048},
+        "data": {"heldout_fraction": 0.4, "max_doc_bytes": 2048},
         "tokenizer": {"vocab_size": 512, "sample_bytes": 150_000},
         "model": {
             "hidden_size": 48,

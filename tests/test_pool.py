@@ -36,21 +36,30 @@ def test_split_is_deterministic_disjoint_and_deduplicated(tiny_spec_path, tmp_pa
     code = spec.domains[0]
     a = build_domain(code, spec.data, "code")
     b = build_domain(code, spec.data, "code")
-    assert a.train == b.train and a.heldout == b.heldout
-    assert not set(a.train) & set(a.heldout)
-    assert a.stats["train_pieces"] == len(a.train) > 0
-    assert a.stats["heldout_pieces"] == len(a.heldout) > 0
-    # A duplicated file is counted once.
+    assert a.splits == b.splits
+    texts = {split: {p for doc in docs for p in doc} for split, docs in a.splits.items()}
+    assert not texts["train"] & texts["search"]
+    assert not texts["train"] & texts["test"]
+    assert not texts["search"] & texts["test"]
+    for split in ("train", "search", "test"):
+        assert a.stats[f"{split}_pieces"] == len(a.pieces(split)) > 0
+        assert a.stats[f"{split}_documents"] == len(a.splits[split]) > 0
+    # A duplicated file is counted once, and whole documents go to one split.
     src = tmp_path / "src"
     src.mkdir()
-    for i, body in enumerate(["alpha " * 40, "beta " * 40, "alpha " * 40, "gamma " * 40]):
+    bodies = ["alpha " * 40, "beta " * 40, "alpha " * 40, "gamma " * 40, "delta\n" * 100]
+    for i, body in enumerate(bodies):
         (src / f"{i}.txt").write_text(body)
     from merge_mix.config import DataSpec, DomainSpec, SourceSpec
+    from merge_mix.corpus import read_domain, split_domain
 
     dom = DomainSpec("d", (SourceSpec("files", str(src / "*.txt")),))
-    c = build_domain(dom, DataSpec(heldout_fraction=0.5, max_doc_bytes=256, min_doc_bytes=8), "d")
-    assert c.stats["documents_read"] == 4 and c.stats["duplicates_removed"] == 1
-    assert sorted(c.train + c.heldout) == sorted({"alpha " * 40, "beta " * 40, "gamma " * 40})
+    docs, stats = read_domain(dom, "d")
+    assert stats["documents_read"] == 5 and stats["duplicates_removed"] == 1
+    c = split_domain("d", docs, DataSpec(heldout_fraction=0.5, max_doc_bytes=256, min_doc_bytes=8))
+    all_docs = [doc for split in c.splits.values() for doc in split]
+    assert sorted("".join(doc) for doc in all_docs) == sorted(set(bodies))
+    assert max(len(doc) for doc in all_docs) > 1  # the long document was cut into pieces
 
 
 def test_cut_pieces_respects_size_and_keeps_text():
@@ -69,18 +78,83 @@ def test_sampler_draws_domains_in_proportion_and_is_deterministic():
     x1, c1 = sampler.batch(5, 1, 8)
     x2, c2 = sampler.batch(5, 1, 8)
     assert np.array_equal(x1, x2) and np.array_equal(c1, c2)
-    assert not np.array_equal(x1, sampler.batch(6, 1, 8)[0]) or True
+    assert not np.array_equal(x1, sampler.batch(6, 1, 8)[0])
     with pytest.raises(MergeMixError, match="fewer than seq_len"):
         MixtureSampler({"a": np.zeros(8, dtype=np.uint16)}, {"a": 1.0}, seq_len=16, seed=0)
 
 
 def test_shards_index_matches_text(tiny_pool):
     tok = load_tokenizer(tiny_pool / "tokenizer")
-    shard = Shard.open(tiny_pool / "data" / "prose", "heldout")
-    start, n, nbytes = shard.index[0]
-    assert shard.tokens[start - 1] == tok.bos_token_id
-    assert shard.tokens[start + n] == tok.eos_token_id
-    assert len(tok.decode(shard.piece(0)).encode()) == nbytes
+    for split in ("search", "test"):
+        shard = Shard.open(tiny_pool / "data" / "prose", split)
+        start, n, nbytes, doc = shard.index[0]
+        assert doc == 0 and np.all(np.diff(shard.index[:, 3]) >= 0)  # documents in order
+        assert shard.tokens[start - 1] == tok.bos_token_id
+        assert shard.tokens[start + n] == tok.eos_token_id
+        assert len(tok.decode(shard.piece(0)).encode()) == nbytes
+        # The held-out text is kept verbatim, one piece a line, with its document.
+        lines = (tiny_pool / "data" / "prose" / f"{split}.jsonl").read_text().splitlines()
+        first = json.loads(lines[0])
+        assert len(lines) == len(shard.index) and first["document"] == 0
+        assert tok(first["text"], add_special_tokens=False)["input_ids"] == shard.piece(0).tolist()
+
+
+def test_search_and_test_splits_hold_different_documents(tiny_pool):
+    data = json.loads((tiny_pool / "data" / "data.json").read_text())
+    for d in ("code", "c", "prose"):
+        texts = {}
+        for split in ("search", "test"):
+            rows = (tiny_pool / "data" / d / f"{split}.jsonl").read_text().splitlines()
+            texts[split] = {json.loads(r)["text"] for r in rows}
+            assert data["domains"][d][split]["documents"] >= 3, (d, split)
+        assert not texts["search"] & texts["test"]
+
+
+def test_cross_domain_duplicate_never_reaches_a_heldout_split(tmp_path):
+    """A document in two domains stays in the first only; a held-out piece that copies
+    training text of another domain is dropped; both are counted in data.json."""
+    from merge_mix.config import DataSpec
+    from merge_mix.corpus import check_corpus, split_domain, text_hash
+    from merge_mix.decontaminate import decontaminate, drop_cross_domain_duplicates
+
+    words = [f"w{i}" for i in range(4000)]
+    docs = [" ".join(words[i : i + 60]) + "\n" for i in range(0, 4000, 60)]
+    a = {f"a{i}": t for i, t in enumerate(docs[:40])}
+    b = {f"b{i}": t for i, t in enumerate(docs[40:])}
+    shared = "shared text " * 30
+    a["a-shared"] = shared
+    b["b-shared"] = shared
+    rekey = {
+        name: {text_hash(t): t for t in d.values()} for name, d in {"a": a, "b": b}.items()
+    }
+    removed = drop_cross_domain_duplicates(rekey, set())
+    assert removed == {"a": 0, "b": 1}
+    assert text_hash(shared) in rekey["a"] and text_hash(shared) not in rekey["b"]
+    spec = DataSpec(heldout_fraction=0.4, max_doc_bytes=4096, min_doc_bytes=8)
+    corpora = {n: split_domain(n, d, spec) for n, d in rekey.items()}
+    # Plant a near-duplicate: b's first held-out document copies a training document of a
+    # with one word changed.
+    train_a = corpora["a"].splits["train"][0][0]
+    near = train_a.replace(train_a.split()[3], "CHANGED", 1)
+    corpora["b"].splits["search"].insert(0, [near])
+    _, report = decontaminate(corpora, threshold=0.5, shingle_words=8)
+    assert report["b"]["near_duplicate_heldout_pieces"] >= 1
+    held = [p for n in corpora for s in ("search", "test") for p in corpora[n].pieces(s)]
+    assert near not in held and shared not in corpora["b"].pieces("train")
+    for n in corpora:
+        check_corpus(corpora[n], n)
+
+
+def test_pool_records_decontamination(tiny_pool):
+    data = json.loads((tiny_pool / "data" / "data.json").read_text())
+    for d in ("code", "c", "prose"):
+        stats = data["domains"][d]["corpus"]
+        for key in (
+            "cross_domain_duplicates_removed",
+            "near_duplicate_heldout_pieces",
+            "near_duplicate_train_pieces",
+        ):
+            assert isinstance(stats[key], int), (d, key)
 
 
 def test_tiny_pool_manifest_and_components_beat_base(tiny_pool):

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from merge_mix.errors import MergeMixError
-from merge_mix.fidelity import Calibration
 from merge_mix.validate import drift_warning, format_summary, load_calibration, validate
-from merge_mix.validate.calibrate import component_drift
+from merge_mix.validate.calibration import Calibration
+from merge_mix.validate.drift import component_drift
 
 # The tiny pool's components see 40k tokens; references here see a quarter of that (20 steps
 # of 512 tokens, checkpoints every 10), recorded as a different budget.

@@ -10,11 +10,14 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from merge_mix.errors import MergeMixError
+
+if TYPE_CHECKING:
+    from merge_mix.search.simplex import Caps
 
 SAMPLERS = ("grid", "dirichlet", "tpe", "cmaes", "random")
 OPTUNA_SAMPLERS = ("tpe", "cmaes")
@@ -58,12 +61,18 @@ class SearchConfig:
     """"dirichlet": range of the concentration s, drawn log-uniformly; alpha = s * prior.
     Small s gives sparse, adventurous mixtures, large s stays near the prior."""
     train_tokens: int | None = None
-    """Planned training token budget of the final model; with it, a domain's weight is capped
-    at available_tokens * max_epochs / train_tokens ("dirichlet" and the surrogate's
-    candidates). None: no caps."""
+    """Planned training token budget of the final model; with it, each domain's share of the
+    effective data mixture is capped at available_tokens * max_epochs / train_tokens (see
+    `caps`). None: no repetition caps."""
     max_epochs: float = 4.0
     """Most times a domain's data may be repeated in the planned training run (up to ~4
     epochs of repetition is close to fresh data for LM training)."""
+    caps: Mapping[str, float] | None = None
+    """Explicit caps {domain: c} on the effective data mixture r = s * g + (1 - s) * w that
+    merge weights w stand for (s, g: the pool's general share and mixture); the tighter of
+    these and the repetition caps holds for every proposal (samplers, halving, surrogate,
+    gradient), as the merge-weight cap w_i <= (c_i - s * g_i) / (1 - s). A cap below the
+    floor s * g_i is an error."""
     min_weight: float = 2e-4
     """"dirichlet": weights below this are set to 0 and the rest renormalised (DeMix: 2e-4)."""
     dedup_tol: float = 1e-3
@@ -122,6 +131,14 @@ class SearchConfig:
             fail("train_tokens", f"{self.train_tokens} is not a positive token count")
         if not self.max_epochs > 0:
             fail("max_epochs", f"{self.max_epochs} is not positive")
+        if self.caps is not None:
+            if not isinstance(self.caps, Mapping) or not self.caps:
+                fail("caps", f"{self.caps!r} is not a non-empty mapping of domain -> cap")
+            for name, cap in self.caps.items():
+                if not isinstance(cap, (int, float)) or not 0 < cap <= 1:
+                    fail("caps", f"{name}={cap!r} is not a share in (0, 1]")
+            # A plain dict of floats: run.json and `to_dict` round-trip it.
+            object.__setattr__(self, "caps", {str(k): float(v) for k, v in self.caps.items()})
         if not 0 <= self.min_weight < 0.5:
             fail("min_weight", f"{self.min_weight} is not in [0, 0.5)")
         if not self.dedup_tol >= 0:
@@ -151,7 +168,8 @@ class SearchConfig:
             fail("folds", f"{self.folds} must be at least 2")
 
     def check_pool(self, domains: Sequence[str], available_tokens: np.ndarray) -> None:
-        """Checks that need the pool: grid size, token caps, domain names."""
+        """Checks that need the pool: grid size, token caps, domain names (the caps against
+        the merge floor are checked by `caps_for`)."""
         from merge_mix.search.simplex import simplex_grid, token_caps
 
         if len(domains) < 2:
@@ -165,6 +183,26 @@ class SearchConfig:
         if self.sampler == "grid":
             simplex_grid(len(domains), self.grid_step)
         token_caps(available_tokens, self.train_tokens, self.max_epochs)
+        unknown = [d for d in self.caps or {} if d not in domains]
+        if unknown:
+            raise MergeMixError(
+                f"search config: caps: {unknown[0]!r} is not a domain of this pool "
+                f"({', '.join(domains)})"
+            )
+
+    def caps_for(self, scorer: Any) -> Caps:
+        """This config's caps for `scorer`'s pool, in effective-mixture and merge-weight
+        space (`merge_mix.search.simplex.data_caps`)."""
+        from merge_mix.search.simplex import data_caps
+
+        return data_caps(
+            list(scorer.domains),
+            np.asarray(scorer.available_tokens, dtype=float),
+            self.train_tokens,
+            self.max_epochs,
+            self.caps,
+            scorer.effective_mixture,
+        )
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SearchConfig:
@@ -182,4 +220,5 @@ class SearchConfig:
         """Plain values for run.json."""
         values = dataclasses.asdict(self)
         values["strength"] = list(self.strength)
+        values["caps"] = None if self.caps is None else dict(self.caps)
         return values

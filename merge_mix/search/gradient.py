@@ -4,14 +4,18 @@
 held-out loss of the merged model is differentiable in ``w``. We evaluate the model with
 `torch.func.functional_call` on parameters built from ``w`` and let autograd carry the
 loss back to the weights, then step on the simplex by mirror descent (exponentiated
-gradient: ``w <- w * exp(-lr * g)``, renormalised) or by Adam on softmax logits.
+gradient: ``w <- w * exp(-lr * g)``, renormalised; `mirror_step`) or by Adam on softmax
+logits. With caps on the data mixture (`merge_mix.search.simplex.Caps`), every iterate is
+projected onto the capped simplex.
 
 Only the differentiable part of the objective is optimised: held-out ``loss``, ``bpb``
 and ``ppl`` terms (mean/max/min over domains) and held-out constraints as a penalty.
 lm-eval terms are not differentiable and are left to the final scoring. The gradient
-is taken on a *training slice* of the held-out data (pieces after the scorer's scoring
-budget), and the result is scored by the scorer on its own slice, so the reported number
-is not fitted to the data it was optimised on.
+is taken on a *training slice*: the first `train_tokens` tokens of each domain's
+``search`` split (whole pieces), on which any constraint's baseline is computed too, so
+metrics and baseline are measured on the same text. The result is scored like every other
+trial on the search split, and judged with the other picks on the ``test`` split
+(`merge_mix.search.verdict`), which the gradient never sees.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from merge_mix.errors import MergeMixError
 from merge_mix.evaluate import HeldoutSet
 from merge_mix.objective import Objective
+from merge_mix.search.simplex import apply_caps
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,9 @@ class GradientConfig:
     """Step size: of the exponentiated-gradient update (mirror) or of Adam (softmax)."""
     method: str = "mirror"
     """"mirror" (exponentiated gradient on the simplex) or "softmax" (Adam on logits)."""
-    train_tokens: int = 16_384
-    """Held-out tokens per domain, after the scoring slice, used for gradients (as many as
-    the default scoring budget: a small slice is a noisy picture of a domain)."""
+    train_tokens: int | None = 16_384
+    """Tokens per domain of the search split (its first pieces) used for gradients; None
+    uses the whole split. Each step costs a forward and backward pass over them."""
     min_weight: float = 1e-4
     """Floor that keeps mirror descent from freezing a weight at exactly zero."""
 
@@ -51,7 +56,7 @@ class GradientConfig:
             raise MergeMixError("gradient.lr: must be > 0")
         if self.method not in ("mirror", "softmax"):
             raise MergeMixError("gradient.method: must be 'mirror' or 'softmax'")
-        if self.train_tokens < 1:
+        if self.train_tokens is not None and self.train_tokens < 1:
             raise MergeMixError("gradient.train_tokens: must be >= 1")
 
 
@@ -67,23 +72,20 @@ class GradientResult:
     """The held-out windows the gradients were taken on (disjoint from the scoring ones)."""
 
 
-def _training_slice(scorer, tokens: int):
-    """Windows of held-out pieces after the scoring budget, per domain."""
+def training_slice(scorer, tokens: int | None) -> dict:
+    """Windows of the first `tokens` tokens (whole pieces) of each domain's search split."""
     from merge_mix.evaluate import build_windows
     from merge_mix.tokens import Shard
 
-    out = {}
-    for d in scorer.domains:
-        scoring = scorer.heldout.windows[d]
-        first = len(scoring.piece_end)
-        shard = Shard.open(scorer.pool.data_dir / d, "heldout")
-        if first >= len(shard.index):
-            raise MergeMixError(
-                f"gradient search: domain {d!r} has no held-out pieces left after the scoring"
-                f" budget ({scorer.heldout_tokens} tokens); lower --heldout-tokens"
-            )
-        out[d] = build_windows(shard, scorer.pool.bos_id, scorer.pool.seq_len, tokens, first)
-    return out
+    return {
+        d: build_windows(
+            Shard.open(scorer.pool.data_dir / d, "search"),
+            scorer.pool.bos_id,
+            scorer.pool.seq_len,
+            tokens,
+        )
+        for d in scorer.domains
+    }
 
 
 def _differentiable_objective(objective: Objective, domains: list[str], baseline):
@@ -121,96 +123,126 @@ def _differentiable_objective(objective: Objective, domains: list[str], baseline
     return value
 
 
+def mirror_step(
+    weights: np.ndarray,
+    grad: np.ndarray,
+    lr: float,
+    min_weight: float = 0.0,
+    caps: np.ndarray | None = None,
+) -> np.ndarray:
+    """One exponentiated-gradient step on the simplex, ``w <- w * exp(-lr * g)``
+    renormalised, then floored at `min_weight` and projected onto the merge-weight `caps`
+    by `apply_caps` (clip and hand the excess to the uncapped domains)."""
+    w = np.asarray(weights, dtype=np.float64)
+    g = np.asarray(grad, dtype=np.float64)
+    # Centring g changes nothing after renormalisation but keeps exp() in range.
+    new = w * np.exp(-lr * (g - np.dot(w, g)))
+    new = np.maximum(new / new.sum(), min_weight)
+    new = new / new.sum()
+    return new if caps is None else apply_caps(new, caps)
+
+
+def differentiable_metrics(scorer, slices: dict, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Held-out ``loss``, ``bpb`` and ``ppl`` per domain of the model merged with `weights`
+    on the windows `slices`, as float64 tensors that carry gradients to `weights` (through
+    `scorer.differentiable_params`). Summed like `merge_mix.evaluate.heldout_metrics`."""
+    from torch.func import functional_call
+
+    model = scorer.merger.model
+    model.eval()
+    params = scorer.differentiable_params(weights.to(torch.float32))
+    metrics: dict[str, torch.Tensor] = {}
+    for d, win in slices.items():
+        n_windows, n_tokens, n_bytes = win.prefix(None)
+        nll = torch.zeros((), dtype=torch.float64)
+        for lo in range(0, n_windows, scorer.batch_size):
+            ids = win.input_ids[lo : lo + scorer.batch_size].to(scorer.device)
+            lab = win.labels[lo : lo + scorer.batch_size].to(scorer.device)
+            logits = functional_call(model, params, (ids,)).logits
+            batch = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), lab.reshape(-1), reduction="sum"
+            )
+            nll = nll + batch.double().cpu()
+        loss = nll / n_tokens
+        metrics[f"heldout/{d}/loss"] = loss
+        metrics[f"heldout/{d}/bpb"] = nll / (n_bytes * math.log(2))
+        metrics[f"heldout/{d}/ppl"] = torch.exp(loss)
+    return metrics
+
+
 def gradient_search(
     scorer,
     objective: Objective,
     config: GradientConfig | None = None,
     init: np.ndarray | None = None,
-    baseline: dict[str, float] | None = None,
     progress=None,
+    caps: np.ndarray | None = None,
 ) -> GradientResult:
     """Optimise `objective`'s held-out part over the simplex; return the final weights.
 
-    `init` defaults to the uniform mixture; `baseline` (the baseline mixture's metrics) is
-    needed when the objective has held-out constraints. `progress(step, value, weights)`
-    is called after every step."""
-    from torch.func import functional_call
+    `init` defaults to the uniform mixture. Held-out constraints compare with the
+    objective's baseline mixture scored on the same training slice. `caps` (merge-weight
+    caps, e.g. `SearchConfig.caps_for(scorer).weights`) bound every iterate: each step is
+    projected onto the capped simplex, and so is the result.
+    `progress(step, value, weights)` is called after every step."""
+    from merge_mix.evaluate import heldout_metrics
 
     config = config or GradientConfig()
-    if objective.constraints and baseline is None:
-        raise MergeMixError("gradient search: constraints need the baseline's metrics")
     started = time.perf_counter()
     domains = scorer.domains
     k = len(domains)
-    slices = _training_slice(scorer, config.train_tokens)
+    slices = training_slice(scorer, config.train_tokens)
+    baseline = None
+    if objective.constraints:
+        base_w = np.full(k, 1.0 / k)
+        if objective.baseline == "natural":
+            base_w = np.asarray(scorer.natural_mixture, dtype=np.float64)
+        baseline = heldout_metrics(
+            scorer.merger.merge(base_w),
+            HeldoutSet(slices, config.train_tokens),
+            scorer.device,
+            scorer.precision,
+            scorer.batch_size,
+        )
     target = _differentiable_objective(objective, domains, baseline)
-    model = scorer.merger.model
-    device = scorer.device
+
+    def project(w: np.ndarray) -> np.ndarray:
+        return w if caps is None else apply_caps(w, caps)
+
     w0 = np.full(k, 1.0 / k) if init is None else np.asarray(init, dtype=np.float64)
     w0 = np.clip(w0, config.min_weight, None)
-    w0 = w0 / w0.sum()
-    logits = torch.tensor(np.log(w0), dtype=torch.float64, requires_grad=True)
+    w0 = project(w0 / w0.sum())
+    # log(0) for a domain capped at 0 would freeze it at 0 anyway; the floor keeps it finite.
+    logits = torch.tensor(np.log(np.maximum(w0, 1e-300)), dtype=torch.float64, requires_grad=True)
     adam = torch.optim.Adam([logits], lr=config.lr) if config.method == "softmax" else None
     history: list[dict] = []
-    model.eval()
-
-    def loss_at(w: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        params = scorer.differentiable_params(w.to(torch.float32))
-        metrics: dict[str, torch.Tensor] = {}
-        for d, win in slices.items():
-            n_windows, n_tokens, n_bytes = win.prefix(None)
-            nll = torch.zeros((), dtype=torch.float64)
-            for lo in range(0, n_windows, scorer.batch_size):
-                ids = win.input_ids[lo : lo + scorer.batch_size].to(device)
-                lab = win.labels[lo : lo + scorer.batch_size].to(device)
-                logits_out = functional_call(model, params, (ids,)).logits
-                nll = (
-                    nll
-                    + torch.nn.functional.cross_entropy(
-                        logits_out.float().reshape(-1, logits_out.shape[-1]),
-                        lab.reshape(-1),
-                        reduction="sum",
-                    )
-                    .double()
-                    .cpu()
-                )
-            loss = nll / n_tokens
-            metrics[f"heldout/{d}/loss"] = loss
-            metrics[f"heldout/{d}/bpb"] = nll / (n_bytes * math.log(2))
-            metrics[f"heldout/{d}/ppl"] = torch.exp(loss)
-        return target(metrics), {k_: float(v.detach()) for k_, v in metrics.items()}
-
     for step in range(config.steps):
         w = torch.softmax(logits, dim=0)
-        value, _ = loss_at(w)
+        value = target(differentiable_metrics(scorer, slices, w))
         if logits.grad is not None:
             logits.grad = None
         value.backward()
         with torch.no_grad():
+            wv = w.detach().numpy()
             if adam is not None:
                 adam.step()
+                new = project(torch.softmax(logits, dim=0).numpy())
             else:
-                # Gradient w.r.t. w, recovered from d/dlogits = w * (g - <w, g>): the
-                # exponentiated-gradient step is a step of size lr on the logits along -g.
-                g_logits = logits.grad
-                wv = w.detach()
-                g = g_logits / wv.clamp_min(1e-12)
-                g = g - (wv * g).sum()
-                new = wv * torch.exp(-config.lr * g)
-                new = new.clamp_min(config.min_weight)
-                new = new / new.sum()
-                logits.copy_(torch.log(new))
-        wv = torch.softmax(logits.detach(), dim=0).numpy()
+                # Gradient w.r.t. w, recovered from d/dlogits = w * (g - <w, g>), up to a
+                # shared shift that the renormalised step ignores.
+                g = logits.grad.numpy() / np.maximum(wv, 1e-12)
+                new = mirror_step(wv, g, config.lr, config.min_weight, caps)
+            logits.copy_(torch.from_numpy(np.log(np.maximum(new, 1e-300))))
         history.append(
-            {"step": step + 1, "objective_train": float(value.detach()), "weights": wv.tolist()}
+            {"step": step + 1, "objective_train": float(value.detach()), "weights": new.tolist()}
         )
         if progress is not None:
-            progress(step + 1, float(value.detach()), wv)
-    weights = torch.softmax(logits.detach(), dim=0).numpy().astype(np.float64)
+            progress(step + 1, float(value.detach()), new)
+    weights = project(torch.softmax(logits.detach(), dim=0).numpy().astype(np.float64))
     return GradientResult(
         weights=weights,
         history=history,
         evaluations=config.steps,
         wall_time_s=time.perf_counter() - started,
-        training_slice=HeldoutSet(slices, config.train_tokens),
+        training_slice=HeldoutSet(slices, config.train_tokens, "search"),
     )

@@ -18,15 +18,13 @@ worker id, so a restarted worker rebuilds the same bracket and scores only what 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from optuna.trial import TrialState
 
 from merge_mix.errors import MergeMixError
-
-if TYPE_CHECKING:
-    from merge_mix.search.run import Worker
+from merge_mix.search.worker import Worker, seed_sequence
 
 
 def rung_budgets(full_budget: int, eta: int, rungs: int) -> list[int]:
@@ -54,12 +52,10 @@ def _scored(worker: Worker) -> dict[tuple[Any, int], tuple[float, int, list[floa
 def run_halving(worker: Worker) -> dict[str, Any]:
     """Run (or resume) this worker's bracket; returns the summary also stored in the study's
     user attributes as `halving:<worker>`."""
-    from merge_mix.search.run import _seed
-
     config = worker.config
     n = config.n_trials
     k = len(worker.domains)
-    rng = np.random.default_rng(_seed(config.seed, config.worker, "halving"))
+    rng = np.random.default_rng(seed_sequence(config.seed, config.worker, "halving"))
     candidates = worker.draw(n, rng)
     budgets = rung_budgets(config.budget_tokens, config.eta, config.rungs)
     sizes = rung_sizes(n, config.eta, config.rungs)

@@ -1,9 +1,11 @@
 """`merge-mix search` end to end: a pool's proxy scorer -> sampling search -> gradient
-search -> report, all in one run directory.
+search -> verdict on the test split -> report, all in one run directory.
 
 The sampling part is `run_search` (resumable, shareable study); the gradient search runs
 after it in the same worker, is recorded in the same study (kind ``gradient:<method>``),
-and is compared with sampling at equal wall time in ``gradient.json``.
+and is compared with sampling at equal wall time in ``gradient.json``. Everything up to
+here reads the pool's ``search`` split only; the verdict (`merge_mix.search.verdict`)
+then judges the picks on the ``test`` split with paired bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def sampling_at_equal_time(rows: list[dict], seconds: float) -> dict[str, Any] |
 
 def _on_training_slice(scorer, objective, result, domains, best_sampled) -> dict[str, float]:
     """The objective of the gradient's pick, the best sampled mixture and the uniform one on
-    the gradient's training slice: the mirror image of the scoring-slice comparison, so a
-    reader can see how much of either pick is fitted to the slice it was chosen on."""
+    the gradient's training slice (the first pieces of the search split) — what the
+    gradient optimised; the verdict on the test split says what holds up."""
     from merge_mix.evaluate import heldout_metrics
 
     def metrics_of(weights):
@@ -83,10 +85,9 @@ def run_gradient(
     sampling at equal wall time. Returns the summary written to ``gradient.json``."""
     from tqdm import tqdm
 
-    from merge_mix.search.study import baseline_metrics, export_trials, open_study, record_trial
+    from merge_mix.search.study import export_trials, open_study, record_trial
 
     study = open_study(run_dir, list(scorer.domains), objective, config.storage, config.study_name)
-    baseline = baseline_metrics(study, objective.baseline) if objective.constraints else None
     with tqdm(
         total=gradient.steps,
         desc=f"gradient [{gradient.method}]",
@@ -98,7 +99,8 @@ def run_gradient(
             bar.set_postfix(train_objective=f"{value:.4f}")
             bar.update(1)
 
-        result = gradient_search(scorer, objective, gradient, baseline=baseline, progress=tick)
+        caps = config.caps_for(scorer).weights
+        result = gradient_search(scorer, objective, gradient, progress=tick, caps=caps)
     started = time.perf_counter()
     metrics = scorer.score(result.weights, config.budget_tokens)
     score_s = time.perf_counter() - started
@@ -143,11 +145,14 @@ def search_pool(
     run_dir: Path,
     gradient: GradientConfig | None = None,
     scorer_options: dict[str, Any] | None = None,
+    judge_test: bool = True,
 ) -> dict[str, Any]:
-    """Search `pool_dir` for the mixture that minimises `objective`; write the report.
-    `gradient` None skips the gradient search.
+    """Search `pool_dir` for the mixture that minimises `objective` on the search split,
+    judge the picks on the test split, write the report. `gradient` None skips the
+    gradient search; `judge_test` False skips the verdict (a worker that only adds trials).
 
-    Returns a summary: the best trial, the gradient comparison, the report paths."""
+    Returns a summary: the best trial, the verdict, the gradient comparison, the report
+    paths."""
     from merge_mix.proxy import ProxyScorer
     from merge_mix.report import write_report
     from merge_mix.search.run import run_search
@@ -170,7 +175,9 @@ def search_pool(
     if config.budget_tokens is None:
         import dataclasses
 
-        config = dataclasses.replace(config, budget_tokens=scorer.heldout_tokens)
+        # "Every piece": the largest domain's size, so halving rungs have a number to divide.
+        full = scorer.heldout_tokens or max(scorer.heldout.tokens().values())
+        config = dataclasses.replace(config, budget_tokens=int(full))
     run_dir = Path(run_dir)
     result = run_search(scorer, objective, config, run_dir)
     grad = None
@@ -181,6 +188,13 @@ def search_pool(
             grad = previous  # a finished run resumed: the gradient search is not repeated
         else:
             grad = run_gradient(scorer, objective, config, gradient, run_dir, config.progress)
+    verdict = None
+    if judge_test:
+        from merge_mix.search.study import attach_verdict
+        from merge_mix.search.verdict import judge
+
+        verdict = judge(scorer, objective, run_dir, progress=config.progress)
+        attach_verdict(run_dir)
     report = write_report(run_dir)
     best = json.loads((run_dir / "best.json").read_text())
     n_rows = len((run_dir / "trials.jsonl").read_text().splitlines())
@@ -188,6 +202,7 @@ def search_pool(
         "run_dir": str(run_dir),
         "n_trials": n_rows,
         "best": best,
+        "verdict": verdict,
         "gradient": grad,
         "surrogate": result.surrogate,
         "halving": result.halving,
@@ -205,28 +220,43 @@ def format_search_summary(summary: dict[str, Any]) -> str:
     doms = summary["domains"]
     lines = [
         f"{summary['n_trials']} trials in {summary['run_dir']}",
-        f"best: trial {best['number']} ({best['kind']}), objective {best['objective']:.5f}",
+        f"pick: trial {best['number']} ({best['kind']}), selected on the search split"
+        f" (objective {best['objective']:.5f} there)",
         "  merge weights:      " + " ".join(f"{d}={best['merge_weights'][d]:.3f}" for d in doms),
         "  effective mixture:  "
         + " ".join(f"{d}={best['effective_mixture'][d]:.3f}" for d in doms),
     ]
-    for name, base in (best.get("baselines") or {}).items():
-        if base:
-            verdict = "beats" if base.get("beaten") else "does NOT beat"
+    v = summary.get("verdict")
+    if v:
+        docs = ", ".join(f"{d} {n}" for d, n in v["documents"].items())
+        lines.append(
+            f"verdict on the test split ({docs} documents; {v['comparisons']['uniform']['confidence']:.0%}"
+            " paired bootstrap intervals over documents):"
+        )
+        lines.append(f"  the pick is {v['sentence']}")
+        for name, c in v["comparisons"].items():
+            if name == "uniform":
+                continue
+            who = name if " vs " in name else f"the pick vs {name}"
+            lines.append(f"  {who}: {c['sentence']}")
+        if v["fixed_terms"]:
             lines.append(
-                f"  {verdict} the {name} baseline ({base['objective']:.5f};"
-                f" delta {base['objective_delta']:+.5f})"
+                "  (benchmark terms were held at their search values: the intervals cover the"
+                " held-out terms only)"
             )
+    else:
+        lines.append("no verdict: the picks were not judged on the test split")
     g = summary.get("gradient")
     if g:
         eq = g["sampling_at_equal_time"]
         eq_text = f"{eq['objective']:.5f}" if eq else "nothing scored yet"
         lines.append(
-            f"gradient search: objective {g['objective']:.5f} with {g['evaluations']} evaluations"
-            f" in {g['wall_time_s']:.1f}s; sampling in the same time reached {eq_text}"
+            f"gradient search: objective {g['objective']:.5f} on the search split with"
+            f" {g['evaluations']} evaluations in {g['wall_time_s']:.1f}s; sampling in the same"
+            f" time reached {eq_text}"
         )
         lines.append(
-            "  on the gradient's own held-out slice: "
+            "  on the gradient's training slice (what it optimised): "
             + ", ".join(f"{k} {v:.5f}" for k, v in g["on_training_slice"].items())
         )
     lines.append(f"report: {summary['report_html']} (and {summary['report_md']})")

@@ -1,13 +1,19 @@
-"""Mixtures on the probability simplex: grids, Dirichlet proposals, token caps, encodings.
+"""Mixtures on the probability simplex: grids, Dirichlet proposals, caps, encodings.
 
 Pure numpy. A mixture of K domains is an array of shape (K,) (or (n, K) for a batch) with
 non-negative entries summing to 1.
+
+Caps bound the *effective data mixture* a merge weight vector stands for,
+``r = s * g + (1 - s) * w`` (s = the pool's general_share, g = its general mixture): a cap
+c_i on r_i is the merge-weight cap ``w_i <= (c_i - s * g_i) / (1 - s)`` (`Caps`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -74,8 +80,9 @@ def dirichlet_prior(natural: np.ndarray, temperature: float) -> np.ndarray:
 def token_caps(
     available_tokens: np.ndarray, train_tokens: int | None, max_epochs: float
 ) -> np.ndarray:
-    """Largest share of `train_tokens` each domain can fill without repeating its data more
-    than `max_epochs` times; all ones when no training budget is planned."""
+    """Largest share of the training data (of `train_tokens`) each domain can fill without
+    repeating its data more than `max_epochs` times: caps on the effective mixture; all ones
+    when no training budget is planned."""
     available = np.asarray(available_tokens, dtype=float)
     if train_tokens is None:
         return np.ones_like(available)
@@ -87,6 +94,92 @@ def token_caps(
             "train_tokens"
         )
     return caps
+
+
+def mixture_floor(
+    effective_mixture: Callable[[np.ndarray], np.ndarray], k: int
+) -> tuple[np.ndarray, float]:
+    """(floor, scale) of the affine map r = floor + scale * w behind `effective_mixture`
+    (floor = s * g, scale = 1 - s), read off at the simplex's vertices: r(e_j)_i = floor_i
+    for every j != i."""
+    vertices = np.stack([np.asarray(effective_mixture(e), dtype=float) for e in np.eye(k)])
+    floor = (vertices.sum(axis=0) - np.diag(vertices)) / (k - 1)
+    scale = float(np.mean(np.diag(vertices) - floor))
+    return floor, scale
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Per-domain caps on the effective data mixture and the merge-weight caps they imply."""
+
+    domains: tuple[str, ...]
+    mixture: np.ndarray
+    """c_i: the most of domain i's data the effective mixture r may hold."""
+    floor: np.ndarray
+    """s * g_i: the share of domain i every merge keeps from the components' general data."""
+    weights: np.ndarray
+    """The merge-weight caps, (c_i - s * g_i) / (1 - s) clipped to [0, 1]."""
+
+    @property
+    def binding(self) -> bool:
+        """Whether any cap excludes part of the simplex."""
+        return bool(np.any(self.weights < 1.0 - 1e-12))
+
+    def project(self, weights: np.ndarray) -> np.ndarray:
+        """Weights (or a batch) moved inside the caps by `apply_caps`."""
+        return apply_caps(weights, self.weights) if self.binding else np.asarray(weights)
+
+    def admits(self, weights: np.ndarray, tol: float = 1e-9) -> np.ndarray | bool:
+        """Whether weights (or each row of a batch) obey every cap."""
+        inside = np.all(np.asarray(weights) <= self.weights + tol, axis=-1)
+        return bool(inside) if np.ndim(inside) == 0 else inside
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for run.json: both spaces and the floor, so a reader can check that
+        mixture = floor + (1 - general_share) * merge_weights at each cap."""
+
+        def named(values: np.ndarray) -> dict[str, float]:
+            return {d: float(v) for d, v in zip(self.domains, values, strict=True)}
+
+        return {
+            "mixture": named(self.mixture),
+            "merge_weights": named(self.weights),
+            "floor": named(self.floor),
+        }
+
+
+def data_caps(
+    domains: Sequence[str],
+    available_tokens: np.ndarray,
+    train_tokens: int | None,
+    max_epochs: float,
+    explicit: Mapping[str, float] | None,
+    effective_mixture: Callable[[np.ndarray], np.ndarray],
+) -> Caps:
+    """The caps of a search: the tighter of the repetition caps (`token_caps`) and the
+    `explicit` per-domain ones, in effective-mixture space, and the merge-weight caps they
+    imply. A cap below the floor s * g_i, or caps that leave no mixture, are errors."""
+    domains = list(domains)
+    mixture = token_caps(available_tokens, train_tokens, max_epochs)
+    for name, cap in (explicit or {}).items():
+        if name not in domains:
+            raise MergeMixError(
+                f"caps: {name!r} is not a domain of this pool ({', '.join(domains)})"
+            )
+        mixture[domains.index(name)] = min(mixture[domains.index(name)], float(cap))
+    if mixture.sum() < 1.0 - 1e-9:
+        raise MergeMixError(
+            f"caps: they sum to {mixture.sum():.4g} < 1, so no mixture obeys them all; raise one"
+        )
+    floor, scale = mixture_floor(effective_mixture, len(domains))
+    for name, cap, low in zip(domains, mixture, floor, strict=True):
+        if cap < low - 1e-12:
+            raise MergeMixError(
+                f"caps: {name}={cap:.4g} is below {low:.4g}, the share of {name} every merge"
+                " keeps from the components' general data (general_share x general mix)"
+            )
+    weights = np.clip((mixture - floor) / scale, 0.0, 1.0) if scale > 0 else np.ones(len(domains))
+    return Caps(tuple(domains), mixture, floor, weights)
 
 
 def apply_caps(weights: np.ndarray, caps: np.ndarray) -> np.ndarray:

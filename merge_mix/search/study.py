@@ -10,7 +10,9 @@ enqueue the same work still score it once, and `trial_rows` keeps one row per ke
 Files written by `export_trials` into the run directory (each atomically: temp + rename):
   trials.jsonl  one JSON object per completed trial, keys in `ROW_KEYS` order
   trials.csv    the same rows flattened: merge_weights/<d>, effective_mixture/<d>, metrics
-  best.json     the best full-budget trial and how it compares with the baselines
+  best.json     the best full-budget trial (selected on the search split), how it compares
+                with the baselines there, and, once the verdict has run, the verdict on the
+                test split with its intervals (keys "verdict", "verdict_sentence", "test")
 """
 
 from __future__ import annotations
@@ -436,12 +438,20 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
-def best_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The full-budget row with the lowest objective, feasible rows first."""
+def best_row(
+    rows: Sequence[Mapping[str, Any]], caps: Mapping[str, float] | None = None
+) -> Mapping[str, Any] | None:
+    """The full-budget row with the lowest objective, rows within the effective-mixture
+    `caps` first, then feasible rows."""
     full = [r for r in rows if r["full_budget"]]
     if not full:
         return None
-    return min(full, key=lambda r: (not r["feasible"], r["objective"], r["number"]))
+
+    def over_cap(r: Mapping[str, Any]) -> bool:
+        mixture = r["effective_mixture"]
+        return any(mixture[d] > c + 1e-9 for d, c in (caps or {}).items())
+
+    return min(full, key=lambda r: (over_cap(r), not r["feasible"], r["objective"], r["number"]))
 
 
 def _compare(best: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -467,7 +477,7 @@ def _compare(best: Mapping[str, Any], base: Mapping[str, Any] | None) -> dict[st
 
 def best_summary(study: optuna.Study, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The content of best.json (see `export_trials`)."""
-    best = best_row(rows)
+    best = best_row(rows, study.user_attrs.get("caps"))
     if best is None:
         raise MergeMixError("search: no full-budget trial completed; nothing to recommend")
     full = [r for r in rows if r["full_budget"]]
@@ -484,10 +494,14 @@ def best_summary(study: optuna.Study, rows: Sequence[Mapping[str, Any]]) -> dict
         "worker": best["worker"],
         "merge_weights": best["merge_weights"],
         "effective_mixture": best["effective_mixture"],
+        "selected_on": "search",
         "objective": best["objective"],
         "feasible": best["feasible"],
         "metrics": best["metrics"],
         "baselines": {name: _compare(best, base) for name, base in baselines.items()},
+        "verdict": None,
+        "verdict_sentence": "not judged on the test split yet",
+        "test": None,
         "n_trials": len(rows),
         "halving": {k.split(":", 1)[1]: v for k, v in attrs.items() if k.startswith("halving:")},
         "surrogate": None,
@@ -539,6 +553,28 @@ def export_trials(study: optuna.Study, run_dir: Path) -> dict[str, Any] | None:
     write_atomic(run_dir / "trials.csv", _csv_text(rows, study_domains(study)))
     if best_row(rows) is None:
         return None
-    summary = best_summary(study, rows)
+    summary = _with_verdict(best_summary(study, rows), run_dir)
     write_atomic(run_dir / "best.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _with_verdict(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """best.json's summary with the test-split verdict, when verdict.json judged this trial."""
+    path = Path(run_dir) / "verdict.json"
+    if not path.is_file():
+        return summary
+    verdict = json.loads(path.read_text())
+    if verdict.get("trial") != summary["number"]:
+        return summary
+    summary["verdict"] = verdict["verdict"]
+    summary["verdict_sentence"] = verdict["sentence"]
+    summary["test"] = {k: v for k, v in verdict.items() if k != "settings"}
+    return summary
+
+
+def attach_verdict(run_dir: Path) -> dict[str, Any]:
+    """Rewrite best.json with the verdict of verdict.json (atomically); returns it."""
+    path = Path(run_dir) / "best.json"
+    summary = _with_verdict(json.loads(path.read_text()), run_dir)
+    write_atomic(path, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from merge_mix.objective import Objective
+from merge_mix.search.simplex import apply_caps
 
 _LENGTHSCALES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 _NOISES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -247,9 +248,11 @@ def surrogate_pick(
     top_k: int = 128,
     folds: int = 5,
     seed: int = 0,
+    caps: np.ndarray | None = None,
 ) -> SurrogatePick:
     """Fit every objective metric over the scored effective `mixtures`, predict them for the
-    candidate merge weights, and average the `top_k` candidates with the best objective."""
+    candidate merge weights, and average the `top_k` candidates with the best objective
+    (projected onto the merge-weight `caps`, if any, as the candidates should be)."""
     keys = objective.relevant_keys(list(metrics[0]))
     models = {}
     for key in keys:
@@ -262,6 +265,9 @@ def surrogate_pick(
     top = np.argsort(values, kind="stable")[:top_k]
     weights = candidates[top].mean(axis=0)
     weights = weights / weights.sum()
+    if caps is not None:
+        # An average of capped candidates is capped; this only absorbs rounding.
+        weights = apply_caps(weights, caps)
     pick_mixture = effective_mixtures(effective_mixture, weights[None, :])
     pick_metrics = {key: m.model.predict(pick_mixture) for key, m in models.items()}
     predicted_objective = float(objective.evaluate(pick_metrics, baseline).value[0])
@@ -303,8 +309,8 @@ def run_surrogate(worker: Any) -> dict[str, Any]:
     already scored a pick fitted on the same trials (a resumed, finished run)."""
     from optuna.trial import TrialState
 
-    from merge_mix.search.run import _seed
     from merge_mix.search.study import trial_rows
+    from merge_mix.search.worker import seed_sequence
 
     config, study, domains = worker.config, worker.study, worker.domains
     rows = [
@@ -323,7 +329,7 @@ def run_surrogate(worker: Any) -> dict[str, Any]:
     )
     metrics = [{k: v for k, v in r["metrics"].items() if k in shared} for r in rows]
     mixtures = np.array([[r["effective_mixture"][d] for d in domains] for r in rows])
-    rng = np.random.default_rng(_seed(config.seed, config.worker, "surrogate", len(rows)))
+    rng = np.random.default_rng(seed_sequence(config.seed, config.worker, "surrogate", len(rows)))
     ranked = sorted(rows, key=lambda r: (not r["feasible"], r["objective"]))
     anchors = np.array([[r["merge_weights"][d] for d in domains] for r in ranked[:ANCHORS]])
     candidates = candidate_pool(
@@ -332,7 +338,7 @@ def run_surrogate(worker: Any) -> dict[str, Any]:
         worker.prior,
         config.strength,
         anchors,
-        worker.caps,
+        worker.caps.weights,
         config.min_weight,
     )
     baseline = worker.baseline_for("surrogate:topk", True, {})
@@ -346,6 +352,7 @@ def run_surrogate(worker: Any) -> dict[str, Any]:
         top_k=config.top_k,
         folds=config.folds,
         seed=config.seed,
+        caps=worker.caps.weights,
     )
     summary = {**pick.summary(), "fitted_on": len(rows)}
     trial = worker.next_fresh()

@@ -9,10 +9,12 @@ On disk, inside the pool::
     work/ref-<id>.lock            per-reference lock, so several processes can fill references
 
 `<id>` is a short hash of the rounded effective mixture, the token budget, the base's sha256
-and the data seed: the same mixture at the same budget is the same reference, whichever
-merge weights, label or validation asked for it. A reference is trained with the components'
-hyperparameters (``manifest["spec"]["training"]``), from the base, on ``tokens`` tokens
-(the components' budget unless overridden). A record whose weights no longer match their
+and the data seed: the same mixture at the same budget and training seed is the same
+reference, whichever merge weights, label or validation asked for it. Training seed 0 is every
+validation's reference; seeds 1, 2, ... are the extra seeds of the same recipe (a different
+data order) that measure the seed-noise floor, stored side by side under their own ids.
+A reference is trained with the components' hyperparameters (``manifest["spec"]["training"]``),
+from the base, on ``tokens`` tokens (the components' budget unless overridden). A record whose weights no longer match their
 sha256 is discarded and the reference retrained.
 """
 
@@ -38,8 +40,9 @@ from merge_mix.pool import Pool
 FORMAT = "merge-mix-reference"
 FORMAT_VERSION = 1
 RECORD = "reference.json"
-# Base and components use data seeds spec.seed * 1000 + 0..K. Every reference shares one
-# other seed: common random numbers, so references differ by their mixtures, not their draws.
+# Base and components use data seeds spec.seed * 1000 + 0..K. Every reference of training
+# seed 0 shares one other seed: common random numbers, so references differ by their
+# mixtures, not their draws. Training seed s > 0 adds 1000 * s, clear of all of those.
 SEED_OFFSET = 999
 
 
@@ -54,6 +57,8 @@ class ReferencePlan:
     mixture: np.ndarray
     """The effective data mixture the reference is trained on, aligned with the pool domains."""
     tokens: int
+    seed: int = 0
+    """The training seed: 0 for the validation's references, 1, 2, ... for extra seeds."""
 
 
 def training_spec(pool: Pool) -> TrainingSpec:
@@ -63,12 +68,14 @@ def training_spec(pool: Pool) -> TrainingSpec:
     return TrainingSpec(**{k: v for k, v in raw.items() if k in known})
 
 
-def data_seed(pool: Pool) -> int:
-    return int(pool.manifest["spec"]["seed"]) * 1000 + SEED_OFFSET
+def data_seed(pool: Pool, seed: int = 0) -> int:
+    """The data-order seed of a reference of training seed `seed`."""
+    return int(pool.manifest["spec"]["seed"]) * 1000 + SEED_OFFSET + 1000 * int(seed)
 
 
-def reference_id(pool: Pool, mixture: np.ndarray, tokens: int) -> str:
-    """Short stable hash of what determines a reference's weights."""
+def reference_id(pool: Pool, mixture: np.ndarray, tokens: int, seed: int = 0) -> str:
+    """Short stable hash of what determines a reference's weights (its training seed
+    through the data seed, so seed 0 keeps the ids references had before seeds existed)."""
     blob = {
         "mixture": {
             d: round(float(p), 6)
@@ -77,7 +84,7 @@ def reference_id(pool: Pool, mixture: np.ndarray, tokens: int) -> str:
         },
         "tokens": int(tokens),
         "base": pool.manifest["base"].get("sha256"),
-        "seed": data_seed(pool),
+        "seed": data_seed(pool, seed),
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -162,14 +169,17 @@ def _train(pool, plan, spec, device, heldout, precision, step_callback, show_pro
             break
     _log(
         f"[{pool.name}] {'resuming' if resumed_from else 'training'} reference {plan.id}"
-        f" ({plan.label})" + (f" from step {resumed_from}" if resumed_from else "")
+        f" ({plan.label}"
+        + (f", seed {plan.seed}" if plan.seed else "")
+        + ")"
+        + (f" from step {resumed_from}" if resumed_from else "")
     )
     model = load_model(pool.base_dir, device)
     result = train_on_shards(
         model,
         pool.data_dir,
         mixture,
-        data_seed(pool),
+        data_seed(pool, plan.seed),
         spec,
         plan.tokens,
         pool.seq_len,
@@ -211,7 +221,8 @@ def _train(pool, plan, spec, device, heldout, precision, step_callback, show_pro
         "parameters": count_parameters(model),
         "initialised_from": str(pool.base_dir.relative_to(pool.path)),
         "base_sha256": pool.manifest["base"].get("sha256"),
-        "seed": data_seed(pool),
+        "seed": data_seed(pool, plan.seed),
+        "training_seed": plan.seed,
         "wall_time_s": result.wall_time_s,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": library_versions(),

@@ -4,7 +4,7 @@ self-contained report.html.
 Files written into the output directory (each atomically):
   validation.json          everything `validate` returns (format ``merge-mix-validation``)
   references.csv           one row per mixture: reference, weights, mixture, proxy/real losses
-  calibration.json         the calibration fitted on these references (see calibrate.py)
+  calibration.json         the calibration fitted on these references (see proxy_calibration.py)
   report.md, report.html   the same sections; the HTML embeds its plots as base64 PNG
   scatter_*.png            proxy vs real per target, raw and leave-one-out calibrated
   scatter_benchmarks.png   proxy vs real for every lm-eval metric (with --tasks)
@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from merge_mix.artifacts import write_atomic, write_json_atomic
-from merge_mix.fidelity import MEAN_TARGET, OBJECTIVE_TARGET, mixture_entropy
 from merge_mix.report import render_html, render_markdown
-from merge_mix.validate.calibrate import FIDELITY_HOLDS, calibrated_key
+from merge_mix.validate.calibration import mixture_entropy
+from merge_mix.validate.metrics import FIDELITY_HOLDS, MEAN_TARGET, OBJECTIVE_TARGET
+from merge_mix.validate.proxy_calibration import calibrated_key
 from merge_mix.validate.summary import (
     FIDELITY_HEADER,
     fidelity_rows,

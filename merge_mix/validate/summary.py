@@ -7,8 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from merge_mix.fidelity import MEAN_TARGET, OBJECTIVE_TARGET, WORST_TARGET
-from merge_mix.validate.calibrate import FIDELITY_HOLDS
+from merge_mix.validate.metrics import FIDELITY_HOLDS, MEAN_TARGET, OBJECTIVE_TARGET, WORST_TARGET
 
 WEAK_CI = 0.5
 """A Spearman interval reaching below this is called too uncertain to rely on."""
