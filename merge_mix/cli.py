@@ -3,6 +3,7 @@ function and prints a summary; the work lives in the stage modules."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -21,14 +22,37 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+# OS errors a user can fix (space, permissions, a read-only mount): said in one line.
+_USER_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
+
+
 class _Group(click.Group):
-    """Turns a MergeMixError into one line on stderr and exit code 2."""
+    """Turns a MergeMixError, or an OSError the user can fix (disk full, permission
+    denied, read-only file system), into one line on stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except MergeMixError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            if exc.errno not in _USER_ERRNOS:
+                raise
+            what = _USER_ERRNOS[exc.errno]
+            where = exc.filename or "a file merge-mix was writing"
+            hint = (
+                "; free some space and run the command again (nothing half-written is kept)"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "; this command writes there: use a copy you can write to"
+            )
+            click.echo(f"error: {where}: {what}{hint}", err=True)
             sys.exit(2)
 
 
@@ -99,6 +123,17 @@ def pool_show(pool: Path) -> None:
     click.echo(format_pool_table(pool))
 
 
+_verify_option = click.option(
+    "--verify",
+    type=click.Choice(["cached", "full"]),
+    default="cached",
+    show_default=True,
+    help="Check the base's and components' weights against their recorded sha256 before "
+    "use: 'cached' skips files unchanged (size, mtime, inode) since their last check, "
+    "'full' hashes every file again.",
+)
+
+
 def _merge_options(fn):
     """Options shared by every command that builds merged proxies from a pool."""
     options = [
@@ -122,6 +157,7 @@ def _merge_options(fn):
             show_default=True,
             help="auto (CUDA, then MPS, then CPU) or a torch device.",
         ),
+        _verify_option,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -213,7 +249,8 @@ def _notice(msg: str) -> None:
 @click.option(
     "--calibrated",
     is_flag=True,
-    help="Also report calibrated metrics (needs a calibration saved by `validate`).",
+    help="Also report calibrated metrics (needs a calibration saved by `validate`, "
+    "fitted on the search split at the same --heldout-tokens).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option(
@@ -246,6 +283,7 @@ def eval_cmd(
     keep_base,
     stream,
     device,
+    verify,
     heldout_tokens,
     extrapolate,
 ):
@@ -280,6 +318,7 @@ def eval_cmd(
         lmeval_include=include_path,
         lmeval_limit=limit,
         calibration=calibration,
+        verify=verify,
     )
     requested = [(w, False) for w in weights] + [(m, True) for m in mixtures]
     if not requested:
@@ -334,7 +373,7 @@ def eval_cmd(
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @_merge_options
 @_extrapolate_option
-def export_cmd(pool, out, weights, mixture, force, keep_base, stream, device, extrapolate):
+def export_cmd(pool, out, weights, mixture, force, keep_base, stream, device, verify, extrapolate):
     """Write the mixture proxy of POOL as a Hugging Face model directory OUT (config,
     safetensors, tokenizer) plus a mergekit YAML that reproduces the merge."""
     from merge_mix.export import export_proxy
@@ -357,7 +396,7 @@ def export_cmd(pool, out, weights, mixture, force, keep_base, stream, device, ex
     from merge_mix.merge import merger_for_pool
     from merge_mix.model import pick_device
 
-    merger = merger_for_pool(p, pick_device(device), tuple(keep_base), stream)
+    merger = merger_for_pool(p, pick_device(device), tuple(keep_base), stream, verify)
     path = export_proxy(p, merger, w, out, force=force)
     click.echo(
         f"wrote {path} (load with AutoModelForCausalLM.from_pretrained; "
@@ -584,7 +623,8 @@ def lm_eval_cmd(args):
 @click.option(
     "--calibrated",
     is_flag=True,
-    help="Add calibrated metrics (from `merge-mix validate`) to every trial.",
+    help="Add calibrated metrics (from `merge-mix validate`, fitted at the same "
+    "--heldout-tokens) to every full-budget trial; never to cheaper halving rungs.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_merge_options
@@ -620,6 +660,7 @@ def search_cmd(
     keep_base,
     stream,
     device,
+    verify,
 ):
     """Find the mixture of POOL's domains that minimises an objective, by scoring many
     merged proxies on the pool's search split: baselines (uniform, natural, each pure
@@ -676,6 +717,7 @@ def search_cmd(
         lmeval_include=include_path,
         lmeval_limit=limit,
         calibration=calibration,
+        verify=verify,
     )
     grad = GradientConfig(steps=gradient_steps, method=gradient_method) if gradient else None
     if grad is not None and stream:
@@ -730,7 +772,26 @@ def search_cmd(
     type=click.IntRange(min=1),
     default=16_384,
     show_default=True,
-    help="Held-out tokens per domain, for proxies and references alike.",
+    help="Search-split tokens per domain the calibration is fitted on, for proxies and "
+    "references alike (use the searches' --heldout-tokens); fidelity is judged on every "
+    "piece of the test split.",
+)
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Training seeds of each --seed-mixtures reference: seeds 1..N-1 are trained too, "
+    "and their differences from seed 0 are the seed-noise floor reported next to every "
+    "regret and gain (1: no extra seeds).",
+)
+@click.option(
+    "--seed-mixtures",
+    default=None,
+    metavar="LABEL,...",
+    help="Mixtures that get the extra --seeds: labels of this validation's mixtures, or "
+    "uniform/natural whatever their label. Default: uniform (skipped with a warning when "
+    "the set has no uniform mixture).",
 )
 @click.option(
     "--n-boot",
@@ -768,6 +829,7 @@ def search_cmd(
 )
 @_lmeval_options
 @click.option("--device", default="auto", show_default=True)
+@_verify_option
 @click.option("--json", "as_json", is_flag=True, help="Print validation.json instead of a table.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def validate_cmd(
@@ -787,14 +849,22 @@ def validate_cmd(
     include_path,
     limit,
     device,
+    verify,
     as_json,
     quiet,
+    seeds,
+    seed_mixtures,
 ):
     """Measure how faithfully POOL's merged proxies rank mixtures: train reference models
     from the base on each mixture's effective data mixture (same budget and hyperparameters
     as the components; stored in the pool and reused), score proxies and references with
     the same evaluator, and report Spearman/Kendall/Pearson with bootstrap intervals, top-25%
     Spearman, regret and gains over the uniform and natural baselines, raw and calibrated.
+
+    Everything is judged on the test split: regrets, gains and proxy-minus-real gaps with
+    paired bootstrap intervals over test documents, next to the seed-noise floor (extra
+    seeds of the --seed-mixtures references; a regret or gain below it is said so). The
+    calibration is fitted on the search split.
 
     With --tasks, proxies and references are also scored on those lm-eval tasks and
     fidelity is reported on every benchmark metric; with --objective, on that objective.
@@ -825,6 +895,11 @@ def validate_cmd(
         lmeval_include=include_path,
         lmeval_limit=limit,
         objective=objective,
+        seeds=seeds,
+        seed_mixtures=None
+        if seed_mixtures is None
+        else [m.strip() for m in seed_mixtures.split(",") if m.strip()],
+        verify=verify,
     )
     click.echo(json.dumps(result, indent=2) if as_json else format_summary(result))
 
@@ -836,6 +911,7 @@ def report_cmd(run_dir):
     from merge_mix.report import write_report
 
     report = write_report(run_dir)
+    click.echo(report.headline)
     click.echo(f"wrote {report.html} and {report.markdown}")
 
 

@@ -56,9 +56,7 @@ def verdict_of(lo: float, hi: float) -> str:
     return "not distinguishable"
 
 
-def resample_counts(
-    documents: Mapping[str, int], n_boot: int, seed: int
-) -> dict[str, np.ndarray]:
+def resample_counts(documents: Mapping[str, int], n_boot: int, seed: int) -> dict[str, np.ndarray]:
     """Per domain, a (n_boot, n_documents) matrix of how often each document is drawn."""
     rng = np.random.default_rng(seed)
     return {
@@ -170,5 +168,7 @@ def sentence(c: Mapping, other: str, unit: str, split: str = "test") -> str:
     if c["verdict"] == "better":
         return f"better than {other} by {interval} on the {split} split"
     if c["verdict"] == "worse":
-        return f"worse than {other} by {-gain:.4f} [{-hi:.4f}, {-lo:.4f}] {unit} on the {split} split"
+        return (
+            f"worse than {other} by {-gain:.4f} [{-hi:.4f}, {-lo:.4f}] {unit} on the {split} split"
+        )
     return f"not distinguishable from {other} on the {split} split (difference {interval})"

@@ -14,6 +14,7 @@ import json
 import os
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,14 @@ class DataSpec:
     """Share of the held-out documents (by content hash, whole documents) in the ``test``
     split, which only final verdicts and `validate` read; the rest is the ``search``
     split, on which searches select mixtures."""
+    heldout_max_documents: int | None = None
+    """At most this many held-out documents per domain (the first drawn, in hash order);
+    later drawn documents train instead. Bounds the scoring cost of domains made of many
+    small documents."""
+    heldout_max_pieces: int | None = None
+    """A held-out document keeps at most its first this many pieces (the rest of it is
+    neither trained on nor scored), so a few long documents do not dominate a domain's
+    held-out loss and the width of its interval."""
     near_duplicate_threshold: float = 0.5
     """A held-out piece is dropped when at least this share of its word n-grams
     (`shingle_words` words each) occurs anywhere in any domain's training text."""
@@ -212,6 +221,10 @@ def _check(spec: PoolSpec, where: str) -> None:
         fail("data.heldout_fraction", "must be in (0, 1)")
     if not 0.0 < spec.data.test_fraction < 1.0:
         fail("data.test_fraction", "must be in (0, 1)")
+    if spec.data.heldout_max_documents is not None and spec.data.heldout_max_documents < 2:
+        fail("data.heldout_max_documents", "must be >= 2 (each held-out split needs documents)")
+    if spec.data.heldout_max_pieces is not None and spec.data.heldout_max_pieces < 1:
+        fail("data.heldout_max_pieces", "must be >= 1")
     if not 0.0 < spec.data.near_duplicate_threshold <= 1.0:
         fail("data.near_duplicate_threshold", "must be in (0, 1]")
     if spec.data.shingle_words < 2:
@@ -360,7 +373,13 @@ def parse_spec(raw: Any, spec_path: Path) -> PoolSpec:
         raise MergeMixError(f"{where}: domains: must map each domain name to its sources")
     domains = []
     for name, body in raw_domains.items():
+        # Names that look alike are one name: "café" typed two ways is one domain.
+        name = unicodedata.normalize("NFC", str(name))
         dwhere = f"{where}: domains.{name}"
+        if name in [d.name for d in domains]:
+            raise MergeMixError(
+                f"{dwhere}: given twice (two names that are equal after Unicode NFC normalisation)"
+            )
         if not isinstance(body, dict):
             raise MergeMixError(f"{dwhere}: expected a mapping with 'sources'")
         extra = sorted(set(body) - {"sources", "max_bytes"})
@@ -371,7 +390,7 @@ def parse_spec(raw: Any, spec_path: Path) -> PoolSpec:
             raise MergeMixError(f"{dwhere}.sources: needs a non-empty list of sources")
         domains.append(
             DomainSpec(
-                name=str(name),
+                name=name,
                 sources=tuple(
                     _source(s, f"{dwhere}.sources[{i}]", base_dir) for i, s in enumerate(sources)
                 ),
@@ -408,18 +427,49 @@ def parse_spec(raw: Any, spec_path: Path) -> PoolSpec:
     return spec
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping key given twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` may be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise MergeMixError(
+                    f"{self.name}: line {key_node.start_mark.line + 1}: duplicate key {key!r}"
+                    " (YAML would keep only the last one)"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: Path) -> Any:
+    """Parse a YAML file safely, refusing duplicate keys; errors name the file and line."""
+    text = path.read_text(encoding="utf-8")
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise MergeMixError(f"{path}: not valid YAML{at}") from None
+    finally:
+        loader.dispose()
+
+
 def load_spec(path: str | Path) -> PoolSpec:
     """Read and check a pool spec YAML file."""
     path = Path(path)
     if not path.is_file():
         raise MergeMixError(f"{path}: spec file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark is not None else ""
-        raise MergeMixError(f"{path}: not valid YAML{at}") from None
-    return parse_spec(raw, path.resolve())
+    return parse_spec(load_yaml(path), path.resolve())
 
 
 def builtin_spec_path(name: str = "demo") -> Path:

@@ -1,10 +1,11 @@
 """Domain corpora: read each domain's sources, de-duplicate, split train/held-out.
 
-Documents come from local files only (never a hub). A document's split is decided by
-the SHA-256 of its text, so the split is deterministic and independent of source order,
-and exact duplicates are removed before splitting so no text is in both splits. Long
-documents are then cut at line boundaries into pieces of at most `data.max_doc_bytes`;
-a held-out piece whose exact text also occurs in train is dropped.
+Documents come from local files only (never a hub). A document's split (train, or held
+out and then ``search`` or ``test``) is decided by the SHA-256 of its text, so the split is
+deterministic and independent of source order, and exact duplicates are removed before
+splitting so no document is in two splits. Long documents are then cut at line boundaries
+into pieces of at most `data.max_doc_bytes`. Held-out pieces that repeat training text
+(of any domain) are removed afterwards by `merge_mix.decontaminate`.
 
 The built-in corpora read text that ships with every Python installation that has
 merge-mix installed: the interpreter's own files (found with `sysconfig`) and the files of
@@ -27,6 +28,7 @@ import csv
 import functools
 import hashlib
 import json
+import logging
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ from merge_mix.errors import MergeMixError
 # otherwise fill a whole capped domain.
 _BUILTIN_MAX_FILE_BYTES = 256_000
 _SKIP_DIRS = {"__pycache__", ".git", "node_modules"}
+logger = logging.getLogger(__name__)
 
 
 SPLITS = ("train", "search", "test")
@@ -221,8 +224,13 @@ def _jsonl_records(path: Path) -> Iterator[dict]:
                 raise MergeMixError(f"{path}:{lineno}: not valid JSON") from None
 
 
-def source_documents(src: SourceSpec, where: str) -> list[str]:
-    """All documents of one source, in a stable order. Fails if the source is empty."""
+def source_documents(
+    src: SourceSpec, where: str, skipped: dict[str, int] | None = None
+) -> list[str]:
+    """All documents of one source, in a stable order. Fails if the source is empty.
+
+    Files of a ``files`` source that are not UTF-8 text (or hold a NUL byte) are skipped;
+    their number is added to ``skipped["not_utf8"]`` and logged as a warning."""
     docs: list[str]
     if src.kind == "builtin":
         docs = list(_builtin_documents(src.location))
@@ -234,7 +242,18 @@ def source_documents(src: SourceSpec, where: str) -> list[str]:
         )
         if not matches:
             raise MergeMixError(f"{where}: glob {src.location!r} matched no files")
-        docs = [t for t in (_read_text(p) for p in matches) if t is not None]
+        texts = [_read_text(p) for p in matches]
+        docs = [t for t in texts if t is not None]
+        n_skipped = len(texts) - len(docs)
+        if n_skipped and not docs:
+            raise MergeMixError(
+                f"{where}: glob {src.location!r} matched {len(matches)} files, and"
+                f" {n_skipped} files skipped: not UTF-8 text; no documents left"
+            )
+        if n_skipped:
+            logger.warning("%s: %d files skipped: not UTF-8 text", where, n_skipped)
+            if skipped is not None:
+                skipped["not_utf8"] = skipped.get("not_utf8", 0) + n_skipped
     else:
         path = Path(src.location)
         if not path.exists():
@@ -357,8 +376,9 @@ def read_domain(domain: DomainSpec, where: str) -> tuple[dict[str, str], dict[st
     in hash order (a fixed pseudo-random order, so a cap samples all sources evenly)."""
     docs: dict[str, str] = {}
     n_read = 0
+    skipped: dict[str, int] = {}
     for i, src in enumerate(domain.sources):
-        for text in source_documents(src, f"{where}.sources[{i}]"):
+        for text in source_documents(src, f"{where}.sources[{i}]", skipped):
             n_read += 1
             docs.setdefault(text_hash(text), text)
     kept: dict[str, str] = {}
@@ -372,6 +392,7 @@ def read_domain(domain: DomainSpec, where: str) -> tuple[dict[str, str], dict[st
         "documents_read": n_read,
         "duplicates_removed": n_read - len(docs),
         "documents_kept": len(kept),
+        "skipped_not_utf8": skipped.get("not_utf8", 0),
     }
     return kept, stats
 
@@ -380,8 +401,12 @@ def split_domain(
     name: str, docs: dict[str, str], data: DataSpec, stats: dict[str, int] | None = None
 ) -> DomainCorpus:
     """Split documents into train / search / test by content hash and cut them into pieces
-    (pieces under `data.min_doc_bytes` dropped)."""
+    (pieces under `data.min_doc_bytes` dropped). Held-out documents past
+    `data.heldout_max_documents` (in hash order) train instead; a held-out document keeps
+    its first `data.heldout_max_pieces` pieces, and the rest of it is neither trained on nor
+    scored."""
     corpus = DomainCorpus(name=name, stats=dict(stats or {}))
+    held = trimmed = 0
     for digest in sorted(docs):
         pieces = [
             p
@@ -391,10 +416,17 @@ def split_domain(
         if not pieces:
             continue
         split = "train"
-        if is_heldout(digest, data.heldout_fraction):
+        if is_heldout(digest, data.heldout_fraction) and (
+            data.heldout_max_documents is None or held < data.heldout_max_documents
+        ):
             split = heldout_role(digest, data.test_fraction)
+            held += 1
+            if data.heldout_max_pieces is not None and len(pieces) > data.heldout_max_pieces:
+                trimmed += len(pieces) - data.heldout_max_pieces
+                pieces = pieces[: data.heldout_max_pieces]
         corpus.splits[split].append(pieces)
         corpus.digests.append(digest)
+    corpus.stats["heldout_pieces_trimmed"] = trimmed
     return corpus
 
 

@@ -1,23 +1,29 @@
 """Keep held-out text out of training: cross-domain exact duplicates and near-duplicates.
 
-Every component trains on every domain (through `general_share`), so a held-out document
-of one domain that also sits in another domain's training data would be scored on text
-the model has seen. Two checks run over the whole pool when its data is prepared:
+Every component trains on every domain (through `general_share`), so a held-out piece of
+one domain whose text sits in any domain's training data would be scored on text the
+model has seen. Two checks run over the whole pool when its data is prepared:
 
 - **Exact duplicates across domains.** A document (by SHA-256 of its text) that occurs in
-  several domains is kept in the first one, in spec order, and dropped from the others.
-  Domains added to a grown pool never take a document an existing domain already has.
+  several domains is kept in the first one, in spec order, and dropped from the others, so
+  each document is trained on and scored under one domain only. (The split is by content
+  hash with pool-wide fractions, so a shared document lands in the same split everywhere;
+  a domain's `heldout_max_documents` cap can move it to train in one domain only, which
+  this removal also prevents.) Domains added to a grown pool never take a document an
+  existing domain already has.
 - **Near-duplicates.** Each text is reduced to its set of word n-grams ("shingles",
   `data.shingle_words` whitespace-separated words, hashed to 64 bits). A held-out piece is
   dropped when at least `data.near_duplicate_threshold` of its shingles occur anywhere in
   the training text of any domain (a piece shorter than n words is one shingle). When a
   domain is added to a grown pool, its training pieces that would push an existing
   held-out piece over the threshold are dropped instead, so existing splits (and every
-  score recorded on them) stay as they are.
+  score recorded on them) stay as they are; several new domains are checked together.
 
 Hashes are stable across processes (BLAKE2b of each word, combined polynomially), so the
 training shingles stored per domain (``data/<domain>/train.shingles.npy``) serve later
-growth. What was removed is recorded per domain in ``data.json`` (``decontamination``).
+growth. What was removed is recorded per domain in ``data.json`` (``corpus``:
+``cross_domain_duplicates_removed``, ``near_duplicate_heldout_pieces``,
+``near_duplicate_train_pieces``).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class Shingler:
 
 
 def union(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """The sorted unique shingles of several arrays."""
     arrays = [a for a in arrays if len(a)]
     return np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, dtype=np.uint64)
 
@@ -112,16 +119,16 @@ def decontaminate(
     old = earlier_train if earlier_train is not None else np.zeros(0, dtype=np.uint64)
     existing = [shingle(p) for p in earlier_heldout]
     if existing:
-        # Growth: an existing held-out piece must not become contaminated by new domains.
-        for name, c in corpora.items():
-            new = _remaining(train_shingles[name])
-            for s_old in existing:
-                if coverage(s_old, union([old, new])) < threshold:
-                    continue
-                if coverage(s_old, old) >= threshold:
-                    continue  # contaminated before this growth; its scores are recorded
-                _protect(c, train_shingles[name], s_old, old, threshold, report[name])
-                new = _remaining(train_shingles[name])
+        # Growth: an existing held-out piece must not become contaminated by the new domains,
+        # alone or together.
+        new = _remaining(train_shingles)
+        for s_old in existing:
+            if coverage(s_old, union([old, new])) < threshold:
+                continue
+            if coverage(s_old, old) >= threshold:
+                continue  # contaminated before this growth; its scores are recorded
+            _protect(corpora, train_shingles, s_old, old, threshold, report)
+            new = _remaining(train_shingles)
     seen = union([old, *(s for docs in train_shingles.values() for doc in docs for s in doc)])
     for name, c in corpora.items():
         for split in ("search", "test"):
@@ -138,31 +145,34 @@ def decontaminate(
     return per_domain, report
 
 
-def _protect(corpus, shingles, s_old, old, threshold, report) -> None:
-    """Drop the new training pieces that overlap `s_old` most until the existing held-out
-    piece's coverage by all training text stays under the threshold."""
+def _protect(corpora, shingles, s_old, old, threshold, report) -> None:
+    """Drop the new training pieces (of any new domain) that overlap `s_old` most until the
+    existing held-out piece's coverage by all training text is under the threshold."""
     overlaps = []
-    for i, doc in enumerate(shingles):
-        for j, s in enumerate(doc):
-            n = int(np.isin(s_old, s, assume_unique=True).sum())
-            if n:
-                overlaps.append((n, i, j))
-    overlaps.sort(reverse=True)
+    for name, docs in shingles.items():
+        for i, doc in enumerate(docs):
+            for j, s in enumerate(doc):
+                n = int(np.isin(s_old, s, assume_unique=True).sum())
+                if n:
+                    overlaps.append((n, name, i, j))
+    overlaps.sort(key=lambda x: (-x[0], x[1], x[2], x[3]))
     covered = np.isin(s_old, old, assume_unique=True)
-    for _, i, j in overlaps:
+    for _, name, i, j in overlaps:
         covered_now = covered | np.isin(s_old, _remaining(shingles), assume_unique=True)
         if covered_now.mean() < threshold:
             break
-        corpus.splits["train"][i][j] = None
-        shingles[i][j] = np.zeros(0, dtype=np.uint64)
-        report["near_duplicate_train_pieces"] += 1
-    corpus.splits["train"] = [[p for p in doc if p is not None] for doc in corpus.splits["train"]]
-    for doc in shingles:
-        doc[:] = [s for s in doc if len(s)]
+        corpora[name].splits["train"][i][j] = None
+        shingles[name][i][j] = np.zeros(0, dtype=np.uint64)
+        report[name]["near_duplicate_train_pieces"] += 1
+    for name, docs in shingles.items():
+        train = corpora[name].splits["train"]
+        corpora[name].splits["train"] = [[p for p in doc if p is not None] for doc in train]
+        for doc in docs:
+            doc[:] = [s for s in doc if len(s)]
 
 
-def _remaining(shingles: list[list[np.ndarray]]) -> np.ndarray:
-    return union(s for doc in shingles for s in doc)
+def _remaining(shingles: dict[str, list[list[np.ndarray]]]) -> np.ndarray:
+    return union(s for docs in shingles.values() for doc in docs for s in doc)
 
 
 def load_digests(path: Path) -> set[str]:

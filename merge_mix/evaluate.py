@@ -324,7 +324,9 @@ def format_eval_table(rows: list[dict], domains: list[str], measured: dict | Non
     compared = [r for r in rows if r.get("mean_loss_vs_first")]
     if compared:
         lines.append("")
-        lines.append("mean held-out loss vs the first mixture (95% paired bootstrap over documents)")
+        lines.append(
+            "mean held-out loss vs the first mixture (95% paired bootstrap over documents)"
+        )
         for r in compared:
             lines.append(f"{r['name']:<{name_w}}{r['mean_loss_vs_first']['sentence']}")
     return "\n".join(lines)

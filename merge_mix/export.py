@@ -99,6 +99,9 @@ def _write(pool, merger, weights: np.ndarray, model, tmp: Path) -> None:
     from merge_mix.tokens import load_tokenizer
 
     comps = {d: pool.component_dir(d).resolve() for d in pool.domains}
+    merged = merger.sha256 or {
+        who: weights_sha256(path) for who, (path, _) in pool.members().items()
+    }
     # Built first: a keep-base pattern mergekit cannot express fails before any big write.
     kit = mergekit_config(pool.base_dir.resolve(), comps, weights, merger.keep_base)
     save_model(model, tmp)
@@ -116,7 +119,9 @@ def _write(pool, merger, weights: np.ndarray, model, tmp: Path) -> None:
             )
         ),
         "keep_base": list(merger.keep_base),
-        "components_sha256": {d: pool.manifest["components"][d]["sha256"] for d in pool.domains},
+        # The hashes of the files merged (verified by `merger_for_pool`), not the manifest's.
+        "base_sha256": merged["base"],
+        "components_sha256": {d: merged[d] for d in pool.domains},
         "sha256": weights_sha256(tmp),
         "versions": library_versions(),
     }

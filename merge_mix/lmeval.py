@@ -599,7 +599,8 @@ def register_model_type() -> type:
     ``uniform``, ``natural``, a domain, or ``NAME:VALUE`` pairs) or ``mixture`` (an effective
     data mixture, converted with the pool's general_share); ``keep_base`` (``;``-separated
     parameter-name patterns kept at the base); ``extrapolate``; ``stream``; ``device``;
-    ``batch_size``; ``max_length`` (default: the pool's seq_len); other HFLM arguments."""
+    ``batch_size``; ``max_length`` (default: the pool's seq_len); ``verify`` (``cached`` or
+    ``full``: how the pool's weights are checked against their sha256); other HFLM arguments."""
     if "merge-mix" in _CLASSES:
         return _CLASSES["merge-mix"]
     from lm_eval.api.registry import register_model
@@ -619,6 +620,7 @@ def register_model_type() -> type:
             device: str | None = None,
             batch_size: int | str = 16,
             max_length: int | None = None,
+            verify: str = "cached",
             **kwargs,
         ):
             from merge_mix.merge import effective_mixture, merger_for_pool, resolve_weights
@@ -660,7 +662,7 @@ def register_model_type() -> type:
             torch_device = pick_device(str(device) if device else "auto")
             self.pool = opened
             self.merger = merger_for_pool(
-                opened, torch_device, tuple(keep_base or ()), bool(stream)
+                opened, torch_device, tuple(keep_base or ()), bool(stream), str(verify)
             )
             self.merge_weights = dict(zip(opened.domains, map(float, w), strict=True))
             mix = effective_mixture(w, opened.general_share, opened.general_mixture())

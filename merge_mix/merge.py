@@ -71,7 +71,10 @@ def mixture_to_weights(
 
 
 def parse_assignment(text: str, what: str = "weights") -> dict[str, float]:
-    """Parse ``code=0.4,c=0.2`` (also ``:`` for ``=``, ``;`` or ``,`` between pairs)."""
+    """Parse ``code=0.4,c=0.2`` (also ``:`` for ``=``, ``;`` or ``,`` between pairs).
+    Names are NFC-normalised; a name given twice or a non-finite value is refused."""
+    import unicodedata
+
     out: dict[str, float] = {}
     for part in text.replace(";", ",").split(","):
         part = part.strip()
@@ -81,10 +84,15 @@ def parse_assignment(text: str, what: str = "weights") -> dict[str, float]:
         name, _, value = part.partition(sep)
         if not _:
             raise MergeMixError(f"{what}: {part!r} is not NAME=VALUE")
+        name = unicodedata.normalize("NFC", name.strip())
+        if name in out:
+            raise MergeMixError(f"{what}: {name!r} is given twice")
         try:
-            out[name.strip()] = float(value)
+            out[name] = float(value)
         except ValueError:
-            raise MergeMixError(f"{what}: {name.strip()}: {value!r} is not a number") from None
+            raise MergeMixError(f"{what}: {name}: {value!r} is not a number") from None
+        if not math.isfinite(out[name]):
+            raise MergeMixError(f"{what}: {name} is not a finite number ({value.strip()})")
     if not out:
         raise MergeMixError(f"{what}: empty")
     return out
@@ -144,7 +152,11 @@ def resolve_weights(
         raise MergeMixError(
             f"{what}: {bad}={w[domains.index(bad)]:g} is negative (--extrapolate allows it)"
         )
-    total = w.sum()
+    with np.errstate(over="ignore"):
+        total = w.sum()
+    if not np.isfinite(total) or not np.isfinite(np.abs(w).sum()):
+        given = ", ".join(f"{d}={x:g}" for d, x in zip(domains, w, strict=True))
+        raise MergeMixError(f"{what}: the values overflow when summed ({given})")
     if np.all(w == 0) or (not extrapolate and total <= 0):
         raise MergeMixError(f"{what}: all zero")
     if not extrapolate and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-6):
@@ -216,6 +228,8 @@ class Merger:
                 ]
                 self.stacks[name] = torch.stack(rows)
         self.weights: np.ndarray | None = None
+        self.sha256: dict[str, str] | None = None
+        """Verified sha256 of the base's and each component's weights (`merger_for_pool`)."""
 
     def _check_tensors(self, safe_open) -> None:
         expected = {n: tuple(p.shape) for n, p in self.params.items()}
@@ -311,12 +325,23 @@ def _tied_aliases(model) -> set[str]:
     return names - {n for n, _ in model.named_parameters()}
 
 
-def merger_for_pool(pool, device="cpu", keep_base: tuple[str, ...] = (), stream: bool = False):
-    """A `Merger` over all of a pool's finished components."""
-    return Merger(
+def merger_for_pool(
+    pool,
+    device="cpu",
+    keep_base: tuple[str, ...] = (),
+    stream: bool = False,
+    verify: str = "cached",
+):
+    """A `Merger` over all of a pool's finished components, after checking the base's and
+    every component's weights against their recorded sha256 (`Pool.verify`; `verify` is
+    ``cached`` or ``full``). The verified hashes are kept in `Merger.sha256`."""
+    hashes = pool.verify(verify)
+    merger = Merger(
         pool.base_dir,
         {d: pool.component_dir(d) for d in pool.domains},
         device=device,
         keep_base=keep_base,
         stream=stream,
     )
+    merger.sha256 = hashes
+    return merger

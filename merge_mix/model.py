@@ -4,6 +4,7 @@ pick the device and the autocast precision."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 from pathlib import Path
 
@@ -96,15 +97,93 @@ def load_model(path: str | Path, device: torch.device | str = "cpu"):
         )
     except (OSError, ValueError, KeyError) as exc:
         raise MergeMixError(f"{path}: cannot load model ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:
+        from safetensors import SafetensorError
+
+        if not isinstance(exc, SafetensorError):
+            raise
+        names = ", ".join(f.name for f in sorted(path.glob("*.safetensors")))
+        raise MergeMixError(
+            f"{path}/{names}: unreadable safetensors ({str(exc).splitlines()[0]};"
+            " truncated or damaged?)"
+        ) from None
     return model.to(device).eval()
+
+
+def check_pretrained(path: str | Path, where: str = "model.pretrained"):
+    """The config of a pretrained base, or a one-line error naming `where` unless it is a
+    local directory `AutoModelForCausalLM` loads (no remote code) as a causal LM: not an
+    encoder-decoder, and not an encoder (BERT, RoBERTa, ...) without ``is_decoder: true``,
+    whose predictions would see the tokens they predict."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    quiet_transformers()
+    path = Path(path)
+    if not path.is_dir():
+        raise MergeMixError(f"{where}: {path} not found")
+    if not (path / "config.json").is_file():
+        raise MergeMixError(f"{where}: {path} is not a model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise MergeMixError(f"{where}: {path}: {str(exc).splitlines()[0]}") from None
+    kind = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise MergeMixError(
+            f"{where}: {path} is an encoder-decoder model ({kind}); the base must be a"
+            " decoder-only causal LM"
+        )
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise MergeMixError(
+            f"{where}: {path}: AutoModelForCausalLM cannot load a {kind!r} model (without"
+            " remote code); the base must be a causal LM"
+        )
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise MergeMixError(
+            f"{where}: {path} is an encoder ({kind}, is_decoder: false): each prediction would"
+            " see the tokens it predicts; the base must be a causal LM"
+        )
+    return config
+
+
+@torch.no_grad()
+def check_causal(model, where: str = "model.pretrained") -> None:
+    """Refuse a model whose predictions at a position change with later tokens."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, 8), generator=generator)
+    device = next(model.parameters()).device
+    before = model(input_ids=ids.to(device)).logits[0, :-1]
+    ids[0, -1] = (ids[0, -1] + 1) % vocab
+    after = model(input_ids=ids.to(device)).logits[0, :-1]
+    if not torch.allclose(before, after, atol=1e-4, rtol=1e-4):
+        raise MergeMixError(
+            f"{where}: predictions depend on later tokens (attention is not causal); the"
+            " base must be a causal LM"
+        )
 
 
 def save_model(model, path: Path) -> None:
     """`save_pretrained` as safetensors (one file up to 10 GB, shards beyond)."""
+    from safetensors import SafetensorError
+
     from merge_mix.artifacts import shareable
 
     quiet_transformers()
-    model.save_pretrained(str(path), safe_serialization=True, max_shard_size="10GB")
+    try:
+        model.save_pretrained(str(path), safe_serialization=True, max_shard_size="10GB")
+    except SafetensorError as exc:
+        # safetensors reports a full disk as its own error; the CLI says OSErrors in one line.
+        text = str(exc)
+        if "StorageFull" in text or "QuotaExceeded" in text or "No space left" in text:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
+        raise
     shareable(Path(path))
 
 

@@ -196,6 +196,11 @@ class Objective:
     def __post_init__(self) -> None:
         if not self.terms:
             raise MergeMixError("objective.terms: at least one term is needed")
+        if all(term.weight == 0 for term in self.terms):
+            raise MergeMixError(
+                "objective.terms: every term has weight 0, so every mixture would score 0;"
+                " give at least one term a positive weight"
+            )
         if self.baseline not in BASELINES:
             raise MergeMixError(
                 f"objective.baseline: {self.baseline!r} is not one of {', '.join(BASELINES)}"
@@ -213,6 +218,21 @@ class Objective:
                         f"objective: domain {name!r} is not in the pool "
                         f"(domains: {', '.join(domains)})"
                     )
+
+    def check_lmeval_metrics(self, available: Sequence[str]) -> None:
+        """Raise `MergeMixError` if an lm-eval term or constraint matches none of the
+        ``lmeval/<task>/<metric>`` keys the tasks declare (a metric or task name typo),
+        before anything is scored."""
+        for item in (*self.terms, *self.constraints):
+            # A filtered metric ("acc,strict-match") is declared under its bare name.
+            metric = item.metric.partition(",")[0]
+            if item.source == "lmeval" and not _match(available, "lmeval", metric, item.name):
+                have = sorted({k.rpartition("/")[2] for k in available if k.startswith("lmeval/")})
+                tasks = sorted({_name_of(k) for k in available if k.startswith("lmeval/")})
+                raise MergeMixError(
+                    f"objective: lmeval/{item.name}/{item.metric}: no task declares that"
+                    f" metric (metrics: {', '.join(have) or 'none'}; tasks: {', '.join(tasks)})"
+                )
 
     @property
     def needs_lmeval(self) -> bool:
@@ -419,15 +439,12 @@ def load_objective(
     if isinstance(spec, Mapping):
         objective = objective_from_dict(spec)
     elif isinstance(spec, Path) or str(spec).endswith((".yaml", ".yml")):
-        import yaml
+        from merge_mix.config import load_yaml
 
         path = Path(spec)
         if not path.is_file():
             raise MergeMixError(f"objective: file {path} not found")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise MergeMixError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raw = load_yaml(path)  # duplicate keys refused, like a pool spec's
         if isinstance(raw, Mapping) and "name" not in raw:
             raw = {**raw, "name": path.stem}
         objective = objective_from_dict(raw, where=str(path))

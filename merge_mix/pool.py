@@ -39,6 +39,10 @@ HELDOUT_SPLITS = ("search", "test")
 SHINGLES = "train.shingles.npy"
 DIGESTS = "documents.sha256"
 MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"
+"""The verification cache: per pool member, the recorded sha256 and the (name, size,
+mtime_ns, inode) of each weights file when that sha256 was last checked."""
+VERIFY_MODES = ("cached", "full")
 # Sections that, once built, a spec may not change for the same pool directory.
 FROZEN_SECTIONS = ("seed", "general_share", "general_mix", "data", "tokenizer", "model", "training")
 # Settings of how a run executes, not of what it trains: free to differ between machines.
@@ -98,6 +102,8 @@ class Pool:
         if manifest.get("format_version", 0) < FORMAT_VERSION:
             raise MergeMixError(old_format_message(path, manifest.get("format_version", 0)))
         pool = cls(path=path, manifest=manifest)
+        for who, rel in pool._member_paths().items():
+            resolve_inside(path, rel, f"{mpath}: {who}.path")
         if require_complete and not manifest.get("complete"):
             missing = ", ".join(manifest.get("missing", [])) or "?"
             raise MergeMixError(f"{path}: pool is incomplete: missing components {missing}")
@@ -129,6 +135,78 @@ class Pool:
     def component_dir(self, domain: str) -> Path:
         return self.path / self.manifest["components"][domain]["path"]
 
+    def _member_paths(self) -> dict[str, str]:
+        paths = {"base": self.manifest["base"]["path"]}
+        paths.update({f"components.{d}": c["path"] for d, c in self.manifest["components"].items()})
+        return paths
+
+    def members(self) -> dict[str, tuple[Path, str | None]]:
+        """Base and components: their directory and the sha256 their record holds."""
+        out = {"base": (self.base_dir, self.manifest["base"].get("sha256"))}
+        for d, c in self.manifest["components"].items():
+            out[d] = (self.component_dir(d), c.get("sha256"))
+        return out
+
+    def weight_problems(self, mode: str = "cached") -> tuple[dict[str, str], dict[str, str]]:
+        """Check every member's weights against its recorded sha256.
+
+        Returns ``(problems, hashes)``: a one-line problem per damaged or missing member,
+        and the verified sha256 of the others. ``cached`` skips hashing a member whose
+        files (name, size, mtime_ns, inode) are as they were when last verified (cache in
+        ``POOL/.verified.json``); ``full`` hashes every file."""
+        from merge_mix.model import weights_sha256
+
+        if mode not in VERIFY_MODES:
+            raise MergeMixError(f"--verify: {mode!r} is not one of {', '.join(VERIFY_MODES)}")
+        cache_path = self.path / VERIFIED
+        try:
+            cache = read_json(cache_path) if mode == "cached" else {}
+        except (OSError, json.JSONDecodeError):
+            cache = {}
+        cache = cache if isinstance(cache, dict) else {}
+        problems: dict[str, str] = {}
+        hashes: dict[str, str] = {}
+        changed = False
+        for who, (model_dir, recorded) in self.members().items():
+            files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
+            if not files:
+                problems[who] = f"{model_dir}: missing (no .safetensors weights)"
+                continue
+            if not recorded:
+                problems[who] = f"{model_dir}: no sha256 recorded in {self.path / MANIFEST}"
+                continue
+            state = [[f.name, *_file_state(f)] for f in files]
+            key = str(model_dir.relative_to(self.path))
+            entry = cache.get(key)
+            if entry == {"sha256": recorded, "files": state}:
+                hashes[who] = recorded
+                continue
+            if weights_sha256(model_dir) != recorded:
+                name = files[0] if len(files) == 1 else f"{model_dir}/*.safetensors"
+                problems[who] = (
+                    f"{name}: weights do not match the sha256 recorded in {self.path / MANIFEST}"
+                    " (changed, truncated or damaged since training; rebuild the pool with"
+                    " `merge-mix train-components` on its spec)"
+                )
+                cache.pop(key, None)
+                continue
+            hashes[who] = recorded
+            cache[key] = {"sha256": recorded, "files": state}
+            changed = True
+        if changed:
+            # Only a cache: a read-only or full pool is still read, just re-hashed next time.
+            with contextlib.suppress(OSError):
+                write_json_atomic(cache_path, cache)
+        return problems, hashes
+
+    def verify(self, mode: str = "cached") -> dict[str, str]:
+        """Raise a one-line `MergeMixError` naming the first damaged or missing weights
+        file; return each member's verified sha256 (``base`` and the domains)."""
+        problems, hashes = self.weight_problems(mode)
+        if problems:
+            raise MergeMixError(next(iter(problems.values())))
+        return hashes
+
     @property
     def seq_len(self) -> int:
         return int(self.manifest["model"]["seq_len"])
@@ -155,6 +233,23 @@ class Pool:
         return np.array(
             [self.manifest["data"][d]["train"]["tokens"] for d in self.domains], dtype=np.float64
         )
+
+
+def _file_state(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def resolve_inside(root: Path, rel: str | Path, where: str) -> Path:
+    """``root / rel`` with symlinks resolved, or a one-line error naming `where` when it
+    leaves `root`: a manifest or record never points a pool at files outside it."""
+    top = Path(root).resolve()
+    path = (Path(root) / rel).resolve()
+    if path != top and top not in path.parents:
+        raise MergeMixError(
+            f"{where}: {str(rel)!r} resolves to {path}, outside the pool {top}; refusing it"
+        )
+    return path
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,8 +288,53 @@ def _frozen_spec(spec: PoolSpec) -> dict[str, Any]:
     return frozen
 
 
+def _check_output_dir(spec: PoolSpec) -> None:
+    """output_dir must be absent, empty, or a pool merge-mix started (``spec.json``, or the
+    ``.prepare.lock`` every build takes first): a build writes and deletes files there, so
+    a user's own directory is never used."""
+    out = spec.output_dir
+    if out.exists() and not out.is_dir():
+        raise MergeMixError(f"{spec.spec_path}: output_dir: {out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not ((out / "spec.json").is_file() or (out / ".prepare.lock").is_file()):
+        raise MergeMixError(
+            f"{spec.spec_path}: output_dir: {out} is not empty and is not a merge-mix pool"
+            " (no spec.json); use a new or empty directory"
+        )
+
+
+def _check_pretrained_base(spec: PoolSpec) -> None:
+    """Before any data is read: the pretrained base is a causal LM and the tokenizer's
+    vocabulary fits its input embeddings."""
+    from merge_mix.model import check_pretrained
+    from merge_mix.tokens import load_tokenizer
+
+    where = f"{spec.spec_path}: model.pretrained"
+    config = check_pretrained(spec.model.pretrained, where)
+    tok_where = f"{spec.spec_path}: tokenizer.path"
+    tok_path = Path(spec.tokenizer.path or spec.model.pretrained)
+    if not tok_path.is_dir():
+        raise MergeMixError(f"{tok_where}: {tok_path} not found")
+    try:
+        n = len(load_tokenizer(tok_path))
+    except MergeMixError as exc:
+        raise MergeMixError(f"{tok_where}: {exc}") from None
+    if n > config.vocab_size:
+        raise MergeMixError(
+            f"{tok_where}: {tok_path} has {n} tokens, more than the {config.vocab_size} input"
+            f" embeddings of model.pretrained ({spec.model.pretrained}); use the model's own"
+            " tokenizer"
+        )
+
+
 def _check_same_spec(spec: PoolSpec, pool_dir: Path) -> None:
     """Refuse to mix two specs in one directory; allow adding domains (growth)."""
+    data_path = pool_dir / "data" / "data.json"
+    if data_path.is_file():
+        version = read_json(data_path).get("format_version", 1)
+        if version < FORMAT_VERSION:
+            raise MergeMixError(old_format_message(pool_dir, version))
     path = pool_dir / "spec.json"
     if not path.is_file():
         return
@@ -441,7 +581,7 @@ def _train_member(
 
 
 def _build_base(spec, pool_dir, data, tokenizer, general, device, step_callback, show_progress):
-    from merge_mix.model import count_parameters, load_model
+    from merge_mix.model import check_causal, count_parameters, load_model
     from merge_mix.tokens import special_ids
     from merge_mix.train import commit_model, stage_model
 
@@ -449,6 +589,14 @@ def _build_base(spec, pool_dir, data, tokenizer, general, device, step_callback,
     if spec.model.pretrained is not None:
         _log(f"[{spec.name}] copying pretrained base from {spec.model.pretrained}")
         model = load_model(spec.model.pretrained, device)
+        where = f"{spec.spec_path}: model.pretrained"
+        check_causal(model, where)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise MergeMixError(
+                f"{spec.spec_path}: tokenizer.path: {len(tokenizer)} tokens, more than the"
+                f" {model.get_input_embeddings().num_embeddings} input embeddings of"
+                f" model.pretrained ({spec.model.pretrained})"
+            )
         sha256 = commit_model(stage_model(model, base_dir, tokenizer), base_dir)
         heldout = _heldout_set(pool_dir, list(data["domains"]), spec, special_ids(tokenizer)[0])
         record = {
@@ -572,10 +720,13 @@ def build_pool(
                 "under torchrun, train one component per launch with --only DOMAIN, after"
                 " building the base with `merge-mix train-components SPEC --prepare-only`"
             )
+    _check_output_dir(spec)
     pool_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(spec.training.device)
     with file_lock(pool_dir / ".prepare.lock"):
         _check_same_spec(spec, pool_dir)
+        if spec.model.pretrained is not None and not (pool_dir / "base" / "base.json").is_file():
+            _check_pretrained_base(spec)
         data = _prepare_data(spec, pool_dir)
         tokenizer = load_tokenizer(pool_dir / "tokenizer")
         bos, eos = special_ids(tokenizer)
@@ -664,6 +815,10 @@ def format_pool_table(pool_dir: Path) -> str:
     m = pool.manifest
     lines = []
     state = "complete" if m["complete"] else f"INCOMPLETE (missing: {', '.join(m['missing'])})"
+    problems, _ = pool.weight_problems("cached")
+    if problems:
+        damaged = f"DAMAGED ({len(problems)} of {len(pool.members())} members unusable)"
+        state = damaged if m["complete"] else f"{state}; {damaged}"
     params = m["model"]["parameters"]
     lines.append(
         f"pool {m['name']} at {pool_dir}: {state}; {len(pool.domains)} components,"
@@ -704,4 +859,7 @@ def format_pool_table(pool_dir: Path) -> str:
             cells.append(f"{v:>11.4f}{mark}" if v is not None else f"{'-':>11} ")
         lines.append(f"{name:<14}" + "".join(cells))
     lines.append("* component beats the base on its own domain")
+    if problems:
+        lines.append("")
+        lines += [f"DAMAGED {who}: {msg}" for who, msg in problems.items()]
     return "\n".join(lines)

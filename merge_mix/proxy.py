@@ -28,7 +28,9 @@ class ProxyScorer:
     """Scores mixture weights by merging the pool's components and evaluating the proxy.
 
     Evaluation runs in fp32 by default (`precision`), also on GPUs, so proxy scores are
-    comparable across machines and with lm-eval's; "auto" uses bf16 autocast on CUDA."""
+    comparable across machines and with lm-eval's; "auto" uses bf16 autocast on CUDA.
+    The pool's weights are checked against their recorded sha256 first (`verify`:
+    ``cached`` or ``full``, see `Pool.weight_problems`)."""
 
     def __init__(
         self,
@@ -44,6 +46,7 @@ class ProxyScorer:
         lmeval_include: Path | None = None,
         lmeval_limit: int | None = None,
         calibration=None,
+        verify: str = "cached",
     ):
         self.pool = pool if isinstance(pool, Pool) else Pool.open(pool)
         if not self.pool.manifest.get("complete"):
@@ -58,7 +61,7 @@ class ProxyScorer:
         self.precision = precision
         self.batch_size = batch_size
         self.domains = self.pool.domains
-        self.merger = merger_for_pool(self.pool, self.device, keep_base, stream)
+        self.merger = merger_for_pool(self.pool, self.device, keep_base, stream, verify)
         if split not in ("search", "test"):
             raise MergeMixError(f"split: must be 'search' or 'test', not {split!r}")
         self.heldout = HeldoutSet.from_pool_data(

@@ -15,7 +15,7 @@ better than, not distinguishable from, or worse than the uniform mixture (Aioli:
 the baseline to beat), with a paired bootstrap interval. A run without a verdict is said to
 be "not judged on the test split" and no gain is claimed. Numbers from the search split are
 kept but labelled as such: the pick was selected on them, so they are biased in its favour.
-Every plot axis names its unit. Plots use matplotlib's Agg canvas, never pyplot.
+Every plot axis names its unit; the plots are drawn by `merge_mix.report_plots`.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def _clip_top(values: np.ndarray) -> float:
 def figure_comparisons(test: Mapping[str, Any]) -> Any:
     """Forest plot of the verdict: every test-split comparison's gain with its interval."""
     names = list(test["comparisons"])
-    fig = _new_figure(7.5, 1.2 + 0.45 * len(names))
+    fig = _new_figure(7.5, 1.6 + 0.45 * len(names))
     ax = fig.add_subplot()
     y = np.arange(len(names))[::-1]
     seen = set()

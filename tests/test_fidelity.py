@@ -266,6 +266,56 @@ def test_loo_calibration_repairs_an_entropy_gap(weights):
     np.testing.assert_allclose(report["loo_proxy"], real["mean_loss"], atol=1e-9)
 
 
+def test_loo_calibration_fits_on_one_split_and_judges_on_another(weights):
+    """validate fits the gap on the search split and judges on the test split: a gap that
+    is the same on both (planted) is removed from the test-split proxies exactly, whatever
+    the test split's own real scores, and the fidelity reported is the test split's."""
+    gap = 0.3 + 0.8 * C.mixture_entropy(weights)
+    proxy_fit, real_fit = _planted(weights, gap)
+    real_test = {"mean_loss": 2.5 - weights @ np.array([0.4, 0.1, -0.3])}
+    proxy_test = {"mean_loss": real_test["mean_loss"] + gap}
+    report = C.loo_fidelity(
+        weights,
+        proxy_fit,
+        real_fit,
+        DOMAINS,
+        n_boot=N_BOOT,
+        proxy_eval=proxy_test,
+        real_eval=real_test,
+    )["mean_loss"]
+    np.testing.assert_allclose(report["loo_proxy"], real_test["mean_loss"], atol=1e-9)
+    assert report["calibrated"]["spearman"]["value"] == pytest.approx(1.0)
+    raw = M.spearman(proxy_test["mean_loss"], real_test["mean_loss"], n_boot=N_BOOT)
+    assert report["raw"]["spearman"]["value"] == pytest.approx(raw.value)
+    assert report["raw"]["rmse"] == pytest.approx(np.sqrt(np.mean(gap**2)))
+    # A gap that differs between the splits is not removed: the test split says so.
+    shifted = {"mean_loss": proxy_test["mean_loss"] + 0.1}
+    moved = C.loo_fidelity(
+        weights,
+        proxy_fit,
+        real_fit,
+        DOMAINS,
+        n_boot=N_BOOT,
+        proxy_eval=shifted,
+        real_eval=real_test,
+    )["mean_loss"]
+    assert moved["calibrated"]["rmse"] == pytest.approx(0.1, abs=1e-9)
+    with pytest.raises(MergeMixError, match="give both proxy_eval and real_eval"):
+        C.loo_fidelity(weights, proxy_fit, real_fit, DOMAINS, proxy_eval=proxy_test)
+
+
+def test_a_planted_monotone_relation_has_rank_correlation_one():
+    """proxy = exp(3 * real): perfectly ranked, not linear. Spearman and Kendall are 1 and
+    their intervals collapse there; Pearson is below 1."""
+    real = np.linspace(2.0, 3.0, 12) + 0.01 * np.sin(np.arange(12))
+    proxy = np.exp(3 * real)
+    for fn in (M.spearman, M.kendall):
+        c = fn(proxy, real, n_boot=N_BOOT)
+        assert (c.value, c.low, c.high) == pytest.approx((1.0, 1.0, 1.0))
+    assert M.pearson(proxy, real, n_boot=N_BOOT).value < 0.999
+    assert M.regret(proxy, real).absolute == 0.0
+
+
 def test_noisy_gap_prefers_a_simple_form(weights):
     rng = np.random.default_rng(5)
     proxy, real = _planted(weights, 0.2 + 0.01 * rng.normal(size=len(weights)))

@@ -70,7 +70,7 @@ def test_make_tasks_writes_complete_task_dir(tiny_pool, tasks_dir, pool):
 
 def test_ppl_documents_are_the_exact_heldout_pieces(tasks_dir, pool, tokenizer):
     for d in pool.domains:
-        shard = Shard.open(pool.data_dir / d, "heldout")
+        shard = Shard.open(pool.data_dir / d, "search")
         rows = _rows(tasks_dir, f"mm_tiny_{d}_ppl")
         assert [r["piece"] for r in rows] == list(range(min(MAX_DOCS, len(shard.index))))
         for r in rows:
@@ -81,7 +81,7 @@ def test_ppl_documents_are_the_exact_heldout_pieces(tasks_dir, pool, tokenizer):
 
 def test_choice_items_have_n_choices_and_the_right_gold(tasks_dir, pool, tokenizer):
     for d in pool.domains:
-        shard = Shard.open(pool.data_dir / d, "heldout")
+        shard = Shard.open(pool.data_dir / d, "search")
         rows = _rows(tasks_dir, f"mm_tiny_{d}_choice")
         assert 0 < len(rows) <= MAX_DOCS and len(rows) % N_CHOICES == 0
         for r in rows:

@@ -124,9 +124,7 @@ def test_cross_domain_duplicate_never_reaches_a_heldout_split(tmp_path):
     shared = "shared text " * 30
     a["a-shared"] = shared
     b["b-shared"] = shared
-    rekey = {
-        name: {text_hash(t): t for t in d.values()} for name, d in {"a": a, "b": b}.items()
-    }
+    rekey = {name: {text_hash(t): t for t in d.values()} for name, d in {"a": a, "b": b}.items()}
     removed = drop_cross_domain_duplicates(rekey, set())
     assert removed == {"a": 0, "b": 1}
     assert text_hash(shared) in rekey["a"] and text_hash(shared) not in rekey["b"]
@@ -356,3 +354,16 @@ def test_pretrained_base_is_copied_with_its_tokenizer(tiny_spec_path, tiny_pool,
     assert (tmp_path / "p" / "base" / "tokenizer.json").is_file()
     assert not (tmp_path / "p" / "base.tmp").exists()
     assert set(pool.manifest["components"]) == {"code", "c", "prose"}
+
+
+def test_a_format_1_pool_is_refused_with_how_to_rebuild(tiny_pool, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(tiny_pool, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["pool", "show", str(old)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "pool format 1" in lines[0]
+    assert "search/test" in lines[0] and "train-components" in lines[0]

@@ -1,5 +1,6 @@
 """Validation end to end on the tiny pool: references trained, killed and resumed, reused by a
-later validation; outputs; the calibration round trip; drift; bad input as one-line errors.
+later validation; outputs; the test split, paired intervals and the seed-noise floor; the
+calibration round trip and its split/budget checks; drift; bad input as one-line errors.
 
 The fidelity metrics themselves are tested in test_fidelity.py."""
 
@@ -70,13 +71,22 @@ def test_killed_validation_resumes_without_retraining(validated):
     assert by_label["natural"]["status"] == "resumed"
     assert by_label["natural"]["resumed_from_step"] == 10
     assert {m["status"] for m in result["mixtures"][2:]} == {"trained"}
-    assert result["costs"]["references_trained"] == 5
+    # Five of the mixtures' references and the uniform mixture's second seed.
+    assert result["costs"]["references_trained"] == 6
+    [extra] = result["seed_references"]
+    assert (extra["mixture"], extra["seed"], extra["status"]) == ("uniform", 1, "trained")
+    assert extra["seed_0_reference"] == by_label["uniform"]["reference"] != extra["reference"]
     after = _weights_mtimes(pool)
     assert {k: after[k] for k in before} == before  # the finished reference was not rewritten
-    assert len(after) == 6
+    assert len(after) == 7
     assert not list((pool / "work").glob("ref-*/"))  # checkpoints cleaned up once committed
     record = json.loads((pool / "references" / after.popitem()[0] / "reference.json").read_text())
     assert record["tokens"] == REF_TOKENS and record["component_tokens"] == 40_000
+    seeds = {}
+    for ref in (by_label["uniform"]["reference"], extra["reference"]):
+        record = json.loads((pool / "references" / ref / "reference.json").read_text())
+        seeds[record["training_seed"]] = record["seed"]
+    assert seeds == {0: 999, 1: 1999}  # seed 0 keeps the data seed references always had
 
 
 def test_outputs_have_finite_numbers_and_bounded_correlations(validated):
@@ -85,6 +95,14 @@ def test_outputs_have_finite_numbers_and_bounded_correlations(validated):
     for name in ("validation.json", "references.csv", "calibration.json", "report.md"):
         assert (out / name).is_file(), name
     assert json.loads((out / "validation.json").read_text())["targets"] == result["targets"]
+    # Judged on test, calibration fitted on search: recorded in both files.
+    assert result["splits"]["judged_on"] == "test"
+    assert result["splits"]["calibration_fitted_on"] == "search"
+    assert result["splits"]["search"]["heldout_tokens"] == HELDOUT
+    assert result["seed_floor"]["split"] == "test"
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert (calibration["split"], calibration["heldout_tokens"]) == ("search", HELDOUT)
+    assert calibration["loo_judged_on"] == "test"
     for m in result["mixtures"]:
         values = [*m["proxy"].values(), *m["real"].values(), *m["calibrated_loo"].values()]
         assert all(math.isfinite(v) for v in values), m["label"]
@@ -111,6 +129,9 @@ def test_outputs_have_finite_numbers_and_bounded_correlations(validated):
     summary = format_summary(result)
     assert "raw proxies" in summary and "calibrated proxies (leave-one-out)" in summary
     assert "mean loss" in summary and "report.html" in summary
+    assert "judged on the test split" in summary and "fitted on the search split" in summary
+    assert "seed-noise floor on the test split, from uniform (extra seed)" in summary
+    assert "## Seed-noise floor" in markdown and "uniform: seed 1 - seed 0" in markdown
 
 
 def test_proxies_and_references_are_scored_by_the_same_evaluator(validated):
@@ -119,7 +140,7 @@ def test_proxies_and_references_are_scored_by_the_same_evaluator(validated):
     pure = next(m for m in result["mixtures"] if m["label"] == "pure:code")
     # A one-hot merge is the component, scored on the windows the pool recorded it with.
     for d, losses in manifest["components"]["code"]["heldout"].items():
-        assert pure["proxy"][f"heldout/{d}/loss"] == pytest.approx(losses["loss"], abs=2e-6)
+        assert pure["proxy_search"][f"heldout/{d}/loss"] == pytest.approx(losses["loss"], abs=2e-6)
     # The pure reference trains on the component's own data mixture.
     expected = manifest["components"]["code"]["training_mixture"]
     assert pure["effective_mixture"] == pytest.approx(expected, abs=1e-6)
@@ -127,9 +148,23 @@ def test_proxies_and_references_are_scored_by_the_same_evaluator(validated):
         record = json.loads((pool / "references" / m["reference"] / "reference.json").read_text())
         assert record["heldout_tokens"] == HELDOUT
         for key, value in record["heldout"].items():
-            assert m["real"][key] == pytest.approx(value, abs=2e-6), (m["label"], key)
+            assert m["real_search"][key] == pytest.approx(value, abs=2e-6), (m["label"], key)
         # A complete HF model directory, tokenizer included, like base and components.
         assert (pool / "references" / m["reference"] / "tokenizer.json").is_file()
+    # The fidelity figures come from every piece of the test split: recompute one directly.
+    from merge_mix.evaluate import HeldoutSet, document_scores, metrics_from_documents
+    from merge_mix.model import load_model
+    from merge_mix.pool import Pool
+
+    p = Pool.open(pool)
+    test = HeldoutSet.from_pool_data(p.data_dir, p.domains, p.bos_id, p.seq_len, None, "test")
+    ref = result["mixtures"][-1]
+    model = load_model(pool / "references" / ref["reference"], "cpu")
+    direct = metrics_from_documents(document_scores(model, test, "cpu", "fp32"))
+    for key, value in direct.items():
+        assert ref["real"][key] == pytest.approx(value, rel=1e-9), key
+        assert ref["real"][key] != ref["real_search"][key], key  # other documents
+    assert result["splits"]["test"]["documents"] == test.documents()
     drift = result["drift"]["components"]
     assert set(drift) == {"code", "c", "prose"} and all(0 < x < 1 for x in drift.values())
     assert result["drift"]["max"] == max(drift.values())
@@ -149,6 +184,7 @@ def test_later_validation_reuses_references_from_a_mixtures_file(validated, tmp_
     before = _weights_mtimes(pool)
     result = validate(pool, mixtures=path, out_dir=tmp_path / "out", **COMMON)
     assert [m["status"] for m in result["mixtures"]] == ["reused"] * 5
+    assert [m["status"] for m in result["seed_references"]] == ["reused"]
     assert result["costs"]["references_trained"] == 0
     assert _weights_mtimes(pool) == before
     assert result["mixtures"][4]["reference"] == by_label["natural"]["reference"]
@@ -191,6 +227,176 @@ def test_calibration_round_trips_and_feeds_the_proxy_scorer(validated):
     (pool / "stale.json").write_text(json.dumps(stale))
     with pytest.raises(MergeMixError, match="component 'c' changed"):
         load_calibration(pool, path=pool / "stale.json")
+    # Never applied to a cheaper (successive-halving) rung: the gaps were fitted at full budget.
+    assert not any(k.startswith("calibrated/") for k in scorer.score(w, HELDOUT // 4))
+    assert scorer.score(w, HELDOUT)["calibrated/mean/loss"] == calibrated["calibrated/mean/loss"]
+    # A scorer on another budget or split is refused, in one line.
+    for kwargs, expected in (
+        (
+            dict(heldout_tokens=2 * HELDOUT),
+            "at 4,096 tokens per domain, not the search split at 8,192",
+        ),
+        (
+            dict(heldout_tokens=HELDOUT, split="test"),
+            "fitted on the search split at 4,096 tokens per domain, not the test split",
+        ),
+    ):
+        with pytest.raises(MergeMixError) as err:
+            ProxyScorer(pool, device="cpu", calibration=calibration, **kwargs)
+        assert expected in str(err.value) and "\n" not in str(err.value)
+    # So an objective over calibrated losses cannot search with successive halving.
+    from merge_mix.objective import load_objective
+    from merge_mix.search.config import SearchConfig
+    from merge_mix.search.pipeline import search_pool
+
+    config = SearchConfig(n_trials=4, halving=True, budget_tokens=HELDOUT, progress=False)
+    objective = load_objective("mean_loss", ["code", "c", "prose"], calibrated=True)
+    with pytest.raises(MergeMixError, match="calibrated losses exist at the full budget only"):
+        search_pool(pool, objective, config, pool / "nowhere", None, {"calibration": calibration})
+    assert not (pool / "nowhere").exists()
+    (pool / "unsplit.json").write_text(
+        json.dumps({k: v for k, v in record.items() if k != "split"})
+    )
+    with pytest.raises(MergeMixError, match="fitted on no recorded split"):
+        ProxyScorer(
+            pool,
+            device="cpu",
+            heldout_tokens=HELDOUT,
+            calibration=load_calibration(pool, path=pool / "unsplit.json"),
+        )
+
+
+def test_intervals_and_seed_floor_are_paired_over_test_documents(validated):
+    """Every regret and gain has a paired interval around its value; the floor is the
+    largest seed difference, which is the seed-1 reference minus the seed-0 one."""
+    _, _, result = validated
+    by_label = {m["label"]: m for m in result["mixtures"]}
+    [extra] = result["seed_references"]
+    floor = result["seed_floor"]["targets"]
+    assert set(floor) == set(result["targets"])
+    for t in ("heldout/code/loss", "heldout/c/loss", "heldout/prose/loss"):
+        [evidence] = floor[t]["evidence"]  # no component evidence at a reduced budget
+        assert (evidence["kind"], evidence["mixture"], evidence["seeds"]) == (
+            "seed",
+            "uniform",
+            [1, 0],
+        )
+        expected = extra["real"][t] - by_label["uniform"]["real"][t]
+        assert evidence["value"] == pytest.approx(expected, abs=1e-12)
+        assert floor[t]["floor"] == pytest.approx(abs(expected), abs=1e-12)
+        assert evidence["low"] <= evidence["value"] <= evidence["high"]
+    mean = np.mean([extra["real"][f"heldout/{d}/loss"] for d in ("code", "c", "prose")])
+    assert floor["mean_loss"]["floor"] == pytest.approx(
+        abs(mean - by_label["uniform"]["real"]["mean_loss"])
+    )
+    for side in ("raw", "calibrated"):
+        for t in result["targets"]:
+            e = result["fidelity"][side]["targets"][t]
+            assert e["seed_floor"] == floor[t]["floor"]
+            r = e["regret"]
+            assert r["interval"]["value"] == pytest.approx(r["absolute"], abs=1e-12)
+            assert r["interval"]["low"] <= r["interval"]["value"] <= r["interval"]["high"]
+            if r["pick"] == r["best"]:
+                assert r["below_seed_floor"] is None and r["absolute"] == 0.0
+            else:
+                assert r["below_seed_floor"] is (r["absolute"] < e["seed_floor"])
+            for name, g in e["baselines"].items():
+                assert g["interval"]["value"] == pytest.approx(g["gain"], abs=1e-12), (t, name)
+                assert g["interval"]["low"] <= g["gain"] <= g["interval"]["high"]
+                if g["mixture"] == r["pick"]:
+                    assert g["below_seed_floor"] is None and g["gain"] == 0.0
+                else:
+                    assert g["below_seed_floor"] is (abs(g["gain"]) < e["seed_floor"])
+    for m in result["mixtures"]:
+        gap = m["proxy_minus_real"]["mean_loss"]
+        assert gap["value"] == pytest.approx(m["proxy"]["mean_loss"] - m["real"]["mean_loss"])
+        assert gap["low"] <= gap["value"] <= gap["high"]
+
+
+def test_a_planted_gain_below_the_seed_floor_is_said_so():
+    """Synthetic document scores with known losses: two seeds of uniform 0.05 nats apart, a
+    pick 0.01 better than uniform (below the floor), 0.51 better than natural (above it)."""
+    from merge_mix.evaluate import DocumentScores
+    from merge_mix.validate.intervals import measure_intervals, target_values
+    from merge_mix.validate.metrics import fidelity_table
+    from merge_mix.validate.summary import below_floor_points
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(50, 200, size=40).astype(float)
+    noise = rng.normal(0, 0.02, size=40)
+
+    def model(loss):
+        return {"a": DocumentScores(tokens * (loss + noise), tokens, 4 * tokens)}
+
+    losses = {"uniform": 2.0, "natural": 2.5, "pick": 1.99}
+    labels = list(losses)
+    scores = {f"real:{i}": model(v) for i, v in enumerate(losses.values())}
+    scores.update({f"proxy:{i}": model(v + 0.3) for i, v in enumerate(losses.values())})
+    scores["seed:0"] = model(2.05)
+    real = {"heldout/a/loss": np.array(list(losses.values()))}
+    table = fidelity_table(real, real, labels, baselines={"uniform": 0, "natural": 1}, n_boot=50)
+    out = measure_intervals(
+        {"raw": table},
+        ["heldout/a/loss"],
+        labels,
+        scores,
+        target_values(["heldout/a/loss"], ["a"]),
+        {},
+        {},
+        [(0, "seed:0", 1)],
+        [],
+        n_boot=200,
+    )
+    e = table["targets"]["heldout/a/loss"]
+    assert out["floor"]["targets"]["heldout/a/loss"]["floor"] == pytest.approx(0.05)
+    assert e["regret"]["pick"] == "pick" and e["regret"]["below_seed_floor"] is None
+    uniform, natural = e["baselines"]["uniform"], e["baselines"]["natural"]
+    assert uniform["gain"] == pytest.approx(0.01) and uniform["below_seed_floor"] is True
+    assert natural["gain"] == pytest.approx(0.51) and natural["below_seed_floor"] is False
+    # Common document noise cancels in a paired comparison: 0.01 is resolved all the same.
+    assert uniform["interval"]["verdict"] == "better"
+    assert uniform["interval"]["low"] == pytest.approx(0.01) == uniform["interval"]["high"]
+    assert out["gaps"][2]["heldout/a/loss"]["value"] == pytest.approx(0.3)
+    result = {"targets": ["heldout/a/loss"], "fidelity": {"raw": table}}
+    assert below_floor_points(result) == [
+        "a: the gain over uniform of the proxy's pick (pick) is below the seed-noise floor"
+        " (0.0500): retraining with another seed could change it."
+    ]
+
+
+def test_pure_references_at_the_component_budget_are_floor_evidence(validated):
+    """A pure-mixture reference counts as a second seed of its component only when it was
+    trained by the component's recipe: the components' budget, nothing kept at the base."""
+    from merge_mix.pool import Pool
+    from merge_mix.validate.intervals import component_evidence, seeded_mixtures
+
+    pool = Pool.open(validated[0])
+    plans = []
+    for m in validated[2]["mixtures"]:
+        w = np.array([m["merge_weights"][d] for d in pool.domains])
+        mix = np.array([m["effective_mixture"][d] for d in pool.domains])
+        plans.append(type("Plan", (), {"label": m["label"], "merge_weights": w, "mixture": mix}))
+    full = 40_000
+    assert component_evidence(pool, plans, full, full, ()) == [
+        (2, "code"),
+        (3, "c"),
+        (4, "prose"),
+    ]
+    assert component_evidence(pool, plans, REF_TOKENS, full, ()) == []
+    assert component_evidence(pool, plans, full, full, ("*embed*",)) == []
+    baselines = {"uniform": 0, "natural": 1}
+    assert seeded_mixtures(None, 2, plans, baselines) == ([0], [])
+    assert seeded_mixtures(["natural", "pure:c", "natural"], 3, plans, baselines) == ([1, 3], [])
+    assert seeded_mixtures(None, 1, plans, baselines) == ([], [])
+    indices, warnings = seeded_mixtures(None, 2, plans[1:], {})
+    assert indices == [] and warnings[0].startswith("warning: no uniform mixture")
+
+
+def test_unknown_seed_mixture_is_a_one_line_error(validated):
+    with pytest.raises(MergeMixError) as err:
+        validate(validated[0], seed_mixtures=["uniform", "nope"], **COMMON)
+    assert "seed_mixtures: 'nope' is not a mixture of this validation" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_drift_warning_against_validated_regimes(validated, tmp_path, tiny_pool):
@@ -525,6 +731,8 @@ def test_weak_points_say_where_calibration_helps_and_where_it_hurts(validated):
 
     result = copy.deepcopy(validated[2])
     raw, cal = result["fidelity"]["raw"]["targets"], result["fidelity"]["calibrated"]["targets"]
+    for t in raw:  # calibration neither helps nor hurts, except where planted below
+        cal[t]["spearman"]["value"] = raw[t]["spearman"]["value"]
     raw["heldout/c/loss"]["spearman"]["value"] = 0.99
     cal["heldout/c/loss"]["spearman"]["value"] = 0.70
     raw["heldout/code/loss"]["spearman"]["value"] = 0.90

@@ -38,7 +38,8 @@ class GradientConfig:
     """Settings of the gradient search."""
 
     steps: int = 12
-    """Optimizer steps; each is one forward and backward pass over the training slice."""
+    """Optimizer steps; each is one forward and backward pass over the training slice (and
+    the last iterate costs one more forward pass)."""
     lr: float = 2.0
     """Step size: of the exponentiated-gradient update (mirror) or of Adam (softmax)."""
     method: str = "mirror"
@@ -65,11 +66,15 @@ class GradientResult:
     """The optimised weights and how the optimisation went."""
 
     weights: np.ndarray
+    """The iterate with the lowest objective on the training slice (inside the caps)."""
     history: list[dict] = field(default_factory=list)
+    """Per iterate: `step` (0 = the start), `objective_train` on the slice, `weights`."""
     evaluations: int = 0
+    """Passes over the training slice: `steps` forward and backward, one forward."""
     wall_time_s: float = 0.0
     training_slice: HeldoutSet | None = None
-    """The held-out windows the gradients were taken on (disjoint from the scoring ones)."""
+    """The held-out windows the gradients were taken on: the first pieces of the search
+    split (the sampled trials are scored on the whole split, the verdict on test)."""
 
 
 def training_slice(scorer, tokens: int | None) -> dict:
@@ -216,33 +221,40 @@ def gradient_search(
     logits = torch.tensor(np.log(np.maximum(w0, 1e-300)), dtype=torch.float64, requires_grad=True)
     adam = torch.optim.Adam([logits], lr=config.lr) if config.method == "softmax" else None
     history: list[dict] = []
-    for step in range(config.steps):
+    for step in range(config.steps + 1):
         w = torch.softmax(logits, dim=0)
-        value = target(differentiable_metrics(scorer, slices, w))
-        if logits.grad is not None:
+        wv = w.detach().numpy().copy()
+        if step == config.steps:
+            # The last iterate is scored too (forward only), so every candidate is measured.
+            with torch.no_grad():
+                value = target(differentiable_metrics(scorer, slices, w))
+        else:
+            value = target(differentiable_metrics(scorer, slices, w))
             logits.grad = None
-        value.backward()
-        with torch.no_grad():
-            wv = w.detach().numpy()
-            if adam is not None:
-                adam.step()
-                new = project(torch.softmax(logits, dim=0).numpy())
-            else:
-                # Gradient w.r.t. w, recovered from d/dlogits = w * (g - <w, g>), up to a
-                # shared shift that the renormalised step ignores.
-                g = logits.grad.numpy() / np.maximum(wv, 1e-12)
-                new = mirror_step(wv, g, config.lr, config.min_weight, caps)
-            logits.copy_(torch.from_numpy(np.log(np.maximum(new, 1e-300))))
+            value.backward()
+            with torch.no_grad():
+                if adam is not None:
+                    adam.step()
+                    new = project(torch.softmax(logits, dim=0).numpy())
+                else:
+                    # Gradient w.r.t. w, recovered from d/dlogits = w * (g - <w, g>), up to
+                    # a shared shift that the renormalised step ignores.
+                    g = logits.grad.numpy() / np.maximum(wv, 1e-12)
+                    new = mirror_step(wv, g, config.lr, config.min_weight, caps)
+                logits.copy_(torch.from_numpy(np.log(np.maximum(new, 1e-300))))
         history.append(
-            {"step": step + 1, "objective_train": float(value.detach()), "weights": new.tolist()}
+            {"step": step, "objective_train": float(value.detach()), "weights": wv.tolist()}
         )
-        if progress is not None:
-            progress(step + 1, float(value.detach()), new)
-    weights = project(torch.softmax(logits.detach(), dim=0).numpy().astype(np.float64))
+        if progress is not None and step > 0:
+            progress(step, float(value.detach()), wv)
+    # A step can overshoot (a constraint's penalty is steep): return the best iterate
+    # measured on the training slice, not merely the last one.
+    best = min(history, key=lambda h: (h["objective_train"], -h["step"]))
+    weights = project(np.asarray(best["weights"], dtype=np.float64))
     return GradientResult(
         weights=weights,
         history=history,
-        evaluations=config.steps,
+        evaluations=config.steps + 1,
         wall_time_s=time.perf_counter() - started,
         training_slice=HeldoutSet(slices, config.train_tokens, "search"),
     )

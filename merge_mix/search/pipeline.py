@@ -171,6 +171,20 @@ def search_pool(
         raise MergeMixError(
             "objective: it uses calibrated losses; add --calibrated (after `merge-mix validate`)"
         )
+    if uses_calibrated and config.halving:
+        from merge_mix.errors import MergeMixError
+
+        # The gaps were fitted at the full budget: cheaper rungs get no calibrated metrics.
+        raise MergeMixError(
+            "objective: calibrated losses exist at the full budget only; drop --halving"
+        )
+    if objective.needs_lmeval:
+        from merge_mix.lmeval import metric_directions
+
+        # A metric typo fails here, before the pool is loaded and any run directory exists.
+        objective.check_lmeval_metrics(
+            list(metric_directions(options["lmeval_tasks"], options.get("lmeval_include")))
+        )
     scorer = ProxyScorer(pool_dir, **options)
     if config.budget_tokens is None:
         import dataclasses

@@ -9,11 +9,16 @@ domain, raw and calibrated (leave-one-out), with each component's drift from the
 also on lm-eval benchmark metrics (the same tasks for proxies and references) and on a search
 objective's value.
 
+Every figure is measured on the pool's ``test`` held-out split; the calibration is fitted on
+the ``search`` split. Regrets, gains and proxy-minus-real gaps carry paired bootstrap
+intervals over test documents, next to a seed-noise floor from extra seeds of some references.
+
 Stages, one module each: `mixtures` (which mixtures), `references` (train or reuse the
-reference models, stored in the pool), `run` (`validate` itself: scoring, measuring,
-calibrating), `report` and `summary` (validation.json, references.csv, report.md/html,
-`format_summary`). The numbers: `metrics` (rank fidelity: correlations with bootstrap
-intervals, regret, capability recovery), `calibration` (the fitted proxy-minus-real gap),
+reference models, and their extra seeds, stored in the pool), `run` (`validate` itself:
+scoring, measuring, calibrating), `report` and `summary` (validation.json, references.csv,
+report.md/html, `format_summary`). The numbers: `metrics` (rank fidelity: correlations with
+bootstrap intervals, regret, capability recovery), `intervals` (paired intervals over test
+documents, the seed-noise floor), `calibration` (the fitted proxy-minus-real gap),
 `proxy_calibration` (a pool's calibration.json, `load_calibration`) and `drift` (component
 drift from the base, `drift_warning`).
 

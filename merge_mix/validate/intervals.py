@@ -12,6 +12,8 @@ models trained by the same recipe with different seeds: a reference and its extr
 keeps nothing at the base, a pure-mixture reference and the pool's component of that domain
 (the same recipe, another data seed; the one-hot proxy is the component itself). A regret or a
 gain smaller than the floor is "below the seed-noise floor": retraining could flip it.
+`seeded_mixtures` picks the mixtures that get extra seeds, `component_evidence` the
+pure-mixture references that count as evidence.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ from typing import Any
 import numpy as np
 
 from merge_mix.compare import compare_models
+from merge_mix.errors import MergeMixError
 from merge_mix.evaluate import DocumentScores
 from merge_mix.validate.metrics import MEAN_TARGET, OBJECTIVE_TARGET, WORST_TARGET
+
+DEFAULT_SEED_MIXTURES = ("uniform",)
+"""The mixtures that get extra seeds unless told otherwise."""
 
 
 def target_values(
@@ -87,10 +93,16 @@ def paired_intervals(
 
 def interval(c: Mapping[str, Any], negate: bool = False) -> dict[str, Any]:
     """A comparison as {value, low, high, verdict}; `negate` turns value(a) - value(b) into
-    value(b) - value(a) (a gain: how much lower a's loss is)."""
+    value(b) - value(a) (a gain: how much lower a's loss is). The verdict always reads a
+    against b: "better" when a's value is lower throughout the interval."""
     if negate:
-        verdict = {"better": "worse", "worse": "better"}.get(c["verdict"], c["verdict"])
-        return {"value": -c["delta"], "low": -c["hi"], "high": -c["lo"], "verdict": verdict}
+        # + 0.0 turns -0.0 (a model against itself) into 0.0.
+        return {
+            "value": -c["delta"] + 0.0,
+            "low": -c["hi"] + 0.0,
+            "high": -c["lo"] + 0.0,
+            "verdict": c["verdict"],
+        }
     return {"value": c["delta"], "low": c["lo"], "high": c["hi"], "verdict": c["verdict"]}
 
 
@@ -131,7 +143,8 @@ def measure_intervals(
     and `components` (mixture i, domain) for the pure-mixture references trained by their
     component's recipe (``proxy:<i>`` is then the component). Each table entry of `targets`
     gets ``seed_floor``, its regret and every baseline gain an ``interval`` ({value, low, high,
-    verdict}; a gain's is the baseline's value minus the pick's) and ``below_seed_floor``.
+    verdict}; a gain's is the baseline's value minus the pick's) and ``below_seed_floor``
+    (None when the pick is the best reference, or the baseline, itself).
 
     Returns {"floor": {split, confidence, n_boot, targets: {target: {floor, evidence}}},
     "gaps": [{target: proxy-minus-real interval} per mixture]}."""
@@ -180,11 +193,15 @@ def measure_intervals(
             e = table["targets"][t]
             e["seed_floor"] = floor[t]
             (pick, best), *rest = against(e)
+            # A pick compared with itself (it is the best, or the baseline) is no finding:
+            # its below_seed_floor is None.
             e["regret"]["interval"] = interval(res[(t, pick, best)])
-            e["regret"]["below_seed_floor"] = below_floor(e["regret"]["absolute"], floor[t])
+            e["regret"]["below_seed_floor"] = (
+                None if pick == best else below_floor(e["regret"]["absolute"], floor[t])
+            )
             for g, (a, b) in zip(e["baselines"].values(), rest, strict=True):
                 g["interval"] = interval(res[(t, a, b)], negate=True)
-                g["below_seed_floor"] = below_floor(g["gain"], floor[t])
+                g["below_seed_floor"] = None if a == b else below_floor(g["gain"], floor[t])
     return {
         "floor": {
             "split": "test",
@@ -197,3 +214,56 @@ def measure_intervals(
             for i in range(len(labels))
         ],
     }
+
+
+def seeded_mixtures(
+    names: Sequence[str] | None, seeds: int, plans: Sequence, baselines: Mapping[str, int]
+) -> tuple[list[int], list[str]]:
+    """Indices of the mixtures (`plans`, with labels) that get extra seeds: those named (a
+    label, or a baseline of `baselines`; default DEFAULT_SEED_MIXTURES, skipped with a
+    warning when absent), none with one seed; and the warnings."""
+    if seeds < 2:
+        return [], []
+    given = names is not None
+    labels = [p.label for p in plans]
+    out, warnings = [], []
+    for name in DEFAULT_SEED_MIXTURES if names is None else names:
+        if name in labels:
+            i = labels.index(name)
+        elif name in baselines:
+            i = baselines[name]
+        elif given:
+            raise MergeMixError(
+                f"seed_mixtures: {name!r} is not a mixture of this validation"
+                f" (labels: {', '.join(labels)})"
+            )
+        else:
+            warnings.append(
+                f"warning: no {name} mixture among the references: no extra seeds, no"
+                " seed-noise floor from them"
+            )
+            continue
+        if i not in out:
+            out.append(i)
+    return out, warnings
+
+
+def component_evidence(pool, plans, tokens: int, component_tokens: int, keep_base) -> list:
+    """(mixture index, domain) of every pure-mixture reference trained by its component's
+    recipe (same budget, same data mixture, another seed), whose one-hot proxy is the
+    component itself (nothing kept at the base): evidence of the seed-noise floor."""
+    if tokens != component_tokens or keep_base:
+        return []
+    out = []
+    for i, plan in enumerate(plans):
+        hot = np.flatnonzero(plan.merge_weights > 1 - 1e-9)
+        if hot.size != 1:
+            continue
+        d = pool.domains[int(hot[0])]
+        recorded = pool.manifest["components"][d].get("training_mixture")
+        if recorded is None:
+            continue
+        mix = np.array([float(recorded.get(x, 0.0)) for x in pool.domains])
+        if np.abs(mix - plan.mixture).max() < 1e-6:
+            out.append((i, d))
+    return out

@@ -35,7 +35,7 @@ import numpy as np
 from merge_mix.artifacts import file_lock, library_versions, read_json, write_json_atomic
 from merge_mix.config import TrainingSpec
 from merge_mix.errors import MergeMixError
-from merge_mix.pool import Pool
+from merge_mix.pool import Pool, resolve_inside
 
 FORMAT = "merge-mix-reference"
 FORMAT_VERSION = 1
@@ -90,7 +90,10 @@ def reference_id(pool: Pool, mixture: np.ndarray, tokens: int, seed: int = 0) ->
 
 
 def reference_dir(pool: Pool, ref_id: str) -> Path:
-    return pool.path / "references" / ref_id
+    """Where a reference lives; refused when a symlink leads it out of the pool."""
+    rel = Path("references") / ref_id
+    resolve_inside(pool.path, rel, f"{pool.path}: reference {ref_id}")
+    return pool.path / rel
 
 
 def check_epochs(pool: Pool, mixture: np.ndarray, tokens: int) -> None:

@@ -29,11 +29,16 @@ from merge_mix.validate.calibration import mixture_entropy
 from merge_mix.validate.metrics import FIDELITY_HOLDS, MEAN_TARGET, OBJECTIVE_TARGET
 from merge_mix.validate.proxy_calibration import calibrated_key
 from merge_mix.validate.summary import (
+    BELOW_FLOOR,
     FIDELITY_HEADER,
+    amount,
+    below_floor_points,
     fidelity_rows,
+    floor_line,
     num,
     target_name,
     weak_points,
+    with_interval,
 )
 
 
@@ -46,13 +51,16 @@ def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, A
         else f"**not** the components' budget of {s['component_tokens']:,}"
     )
     heldout = "all" if s["heldout_tokens"] is None else f"{s['heldout_tokens']:,}"
+    test_docs = sum(result["splits"]["test"]["documents"].values())
     blocks: list[tuple[str, Any]] = [
         (
             "p",
             f"{n} reference models, each trained from the pool's base on the data mixture its"
             f" merge weights stand for ({s['reference_tokens']:,} tokens each, {budget}), and"
             f" the merged proxies of the same weights, scored by the same evaluator on the same"
-            f" held-out windows ({heldout} tokens per domain)"
+            f" held-out documents: every figure below on the test split ({test_docs:,}"
+            " documents, every piece), the calibration fitted on the search split"
+            f" ({heldout} tokens per domain, the searches' budget)"
             + (
                 f" and lm-eval tasks {', '.join(s['lmeval_tasks'])}"
                 + ("" if s["lmeval_limit"] is None else f" (first {s['lmeval_limit']} documents)")
@@ -90,12 +98,22 @@ def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, A
                 f"{num(v['mean_loss_spearman_calibrated'])}.",
             )
         )
-    weak = weak_points(result)
+    weak = below_floor_points(result) + weak_points(result)
     blocks.append(("h2", "Where fidelity is weak"))
     blocks += [("p", line) for line in weak] or [("p", "Nowhere, at this number of references.")]
     blocks += [("p", f"**{w}**") for w in result["warnings"]]
 
     blocks.append(("h2", "Fidelity of raw proxies"))
+    blocks.append(
+        (
+            "p",
+            "Regret (the proxy's pick against the best reference) and gains (the pick against"
+            " a baseline mixture, positive when the pick is better) with their paired 95%"
+            " bootstrap interval over test documents; Spearman, Kendall and Pearson with"
+            f" their bootstrap over mixtures. {BELOW_FLOOR} marks a regret or gain below the"
+            " seed-noise floor (last column): retraining with another seed could change it.",
+        )
+    )
     blocks.append(("table", (FIDELITY_HEADER, fidelity_rows(result["fidelity"]["raw"], targets))))
     blocks.append(("h2", "Fidelity of calibrated proxies (leave-one-out)"))
     blocks.append(
@@ -121,6 +139,8 @@ def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, A
         ("table", (["target", "RMSE raw", "RMSE calibrated (LOO)", "gap form (all refs)"], rmse))
     )
 
+    blocks += _floor_blocks(result)
+
     bench = result["fidelity"].get("benchmarks")
     if bench:
         blocks.append(("h2", "Fidelity on lm-eval benchmarks (raw proxies)"))
@@ -129,7 +149,8 @@ def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, A
                 "p",
                 "Every metric the tasks report, its direction (higher or lower is better) taken"
                 " from the task; the macro row averages over all of them. Calibration models"
-                " losses only, so these proxies are raw.",
+                " losses only, so these proxies are raw; lm-eval items are not resampled, so"
+                " these regrets and gains have no interval.",
             )
         )
         rows = fidelity_rows(bench, result["benchmark_targets"], "macro (benchmarks)")
@@ -150,13 +171,14 @@ def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, A
     rows = []
     for m in result["mixtures"]:
         p, r = m["proxy"][MEAN_TARGET], m["real"][MEAN_TARGET]
+        gap = m.get("proxy_minus_real", {}).get(MEAN_TARGET)
         rows.append(
             [m["label"], m["reference"], m["status"]]
             + [f"{m['merge_weights'][d]:.3f}" for d in domains]
             + [
                 f"{p:.4f}",
                 f"{r:.4f}",
-                f"{p - r:+.4f}",
+                with_interval(p - r, gap, None),
                 f"{m['calibrated_loo'][calibrated_key(MEAN_TARGET)]:.4f}",
             ]
         )
@@ -166,7 +188,7 @@ def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, A
             (
                 ["mixture", "reference", "status"]
                 + [f"w {d}" for d in domains]
-                + ["proxy mean", "real mean", "gap", "calibrated (LOO)"],
+                + ["proxy mean", "real mean", "gap [95% CI]", "calibrated (LOO)"],
                 rows,
             ),
         )
@@ -198,6 +220,44 @@ def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, A
             f" ({c['proxy_speedup']:.0f}x cheaper). This validation took {c['total_s']:.1f} s.",
         )
     )
+    return blocks
+
+
+def _floor_blocks(result: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The seed-noise floor section: each target's floor and the differences it is from."""
+    blocks: list[tuple[str, Any]] = [("h2", "Seed-noise floor"), ("p", floor_line(result) + ".")]
+    per = (result.get("seed_floor") or {}).get("targets", {})
+    rows = []
+    for t, v in per.items():
+        for e in v["evidence"]:
+            what = (
+                f"{e['mixture']}: seed {e['seeds'][0]} - seed {e['seeds'][1]}"
+                if e["kind"] == "seed"
+                else f"{e['mixture']} reference - component {e['component']}"
+            )
+            rows.append(
+                [
+                    target_name(t),
+                    amount(v["floor"]),
+                    what,
+                    with_interval(e["value"], e, None),
+                    e["verdict"],
+                ]
+            )
+    if rows:
+        blocks.append(
+            (
+                "p",
+                "Two models of the same recipe that differ only by their training seed:"
+                " extra seeds of a reference, and a pure-mixture reference against the"
+                " pool's component of that domain (same budget and data, another seed). The"
+                " floor of a target is the largest of its differences; intervals are paired"
+                " over test documents.",
+            )
+        )
+        blocks.append(
+            ("table", (["target", "floor", "pair", "difference [95% CI]", "verdict"], rows))
+        )
     return blocks
 
 

@@ -45,7 +45,6 @@ from merge_mix.validate.summary import num
 FORMAT = "merge-mix-validation"
 FORMAT_VERSION = 2
 DEFAULT_HELDOUT_TOKENS = 16_384  # the CLI's default for eval, search and validate
-DEFAULT_SEED_MIXTURES = ("uniform",)
 SPLITS = {"judged_on": "test", "calibration_fitted_on": "search"}
 
 
@@ -70,6 +69,7 @@ def validate(
     objective: str | Path | Mapping[str, Any] | Objective | None = None,
     seeds: int = 2,
     seed_mixtures: Sequence[str] | None = None,
+    verify: str = "cached",
 ) -> dict[str, Any]:
     """Train (or reuse) references, score them and their proxies, measure fidelity, calibrate.
 
@@ -98,6 +98,7 @@ def validate(
     label, or "uniform"/"natural" whatever their label): seeds 1 .. seeds-1 are trained as
     extra references of the same recipe, and their differences from seed 0 on the test
     documents are the seed-noise floor reported next to every regret and gain (1: none).
+    `verify`: how the pool's weights are checked against their sha256 (``cached``, ``full``).
 
     Writes into `out_dir` (default ``<run_dir>/validation`` with a run directory, else
     ``<pool>/validation``) validation.json, references.csv, calibration.json, report.md,
@@ -114,7 +115,12 @@ def validate(
     from merge_mix.pool import Pool
     from merge_mix.proxy import ProxyScorer
     from merge_mix.validate.calibration import fit_calibration, loo_fidelity
-    from merge_mix.validate.intervals import measure_intervals, target_values
+    from merge_mix.validate.intervals import (
+        component_evidence,
+        measure_intervals,
+        seeded_mixtures,
+        target_values,
+    )
     from merge_mix.validate.metrics import fidelity_table
     from merge_mix.validate.mixtures import check_mixtures, default_mixtures, search_picks
     from merge_mix.validate.references import (
@@ -167,7 +173,7 @@ def validate(
         plans.append(ReferencePlan(reference_id(pool, mix, tokens), label, w, mix, tokens))
     weights = np.stack([p.merge_weights for p in plans])
     baselines = _baselines_by_weights(weights, domains, pool.natural_mixture())
-    seeded, seed_warnings = _seeded_mixtures(seed_mixtures, seeds, plans, baselines)
+    seeded, seed_warnings = seeded_mixtures(seed_mixtures, seeds, plans, baselines)
     seed_plans = [
         (
             i,
@@ -197,6 +203,7 @@ def validate(
         lmeval_tasks=lmeval_tasks,
         lmeval_include=lmeval_include,
         lmeval_limit=lmeval_limit,
+        verify=verify,
     )
     test_set = scorer.test_set()
 
@@ -333,7 +340,7 @@ def validate(
                 for j, (i, _) in enumerate(seed_plans)
             }
         )
-    components = _component_evidence(pool, plans, tokens, spec.component_tokens, keep_base)
+    components = component_evidence(pool, plans, tokens, spec.component_tokens, keep_base)
     noise = measure_intervals(
         {"raw": raw_table, "calibrated": calibrated_table},
         targets,
@@ -463,7 +470,7 @@ def validate(
         "warnings": warnings,
         "costs": {
             "references_trained": len(trained),
-            "references_reused": len(plans) - len(trained),
+            "references_reused": len(every_plan) - len(trained),
             "reference_train_s_this_run": float(sum(r["wall_time_s"] for r, _ in trained)),
             "reference_train_s_per_mixture": float(np.mean(recorded_train_s)),
             "proxy_score_s_per_mixture": float(np.mean(proxy_s)),
@@ -540,57 +547,6 @@ def _objective_fn(objective: Objective):
         return float(objective.evaluate(full(metrics), None if base is None else full(base)).value)
 
     return value
-
-
-def _seeded_mixtures(
-    names: Sequence[str] | None, seeds: int, plans: Sequence, baselines: Mapping[str, int]
-) -> tuple[list[int], list[str]]:
-    """Indices of the mixtures that get extra seeds (none with one seed), and warnings."""
-    if seeds < 2:
-        return [], []
-    given = names is not None
-    labels = [p.label for p in plans]
-    out, warnings = [], []
-    for name in DEFAULT_SEED_MIXTURES if names is None else names:
-        if name in labels:
-            i = labels.index(name)
-        elif name in baselines:
-            i = baselines[name]
-        elif given:
-            raise MergeMixError(
-                f"seed_mixtures: {name!r} is not a mixture of this validation"
-                f" (labels: {', '.join(labels)})"
-            )
-        else:
-            warnings.append(
-                f"warning: no {name} mixture among the references: no extra seeds, no"
-                " seed-noise floor from them"
-            )
-            continue
-        if i not in out:
-            out.append(i)
-    return out, warnings
-
-
-def _component_evidence(pool, plans, tokens: int, component_tokens: int, keep_base) -> list:
-    """(mixture index, domain) of every pure-mixture reference trained by its component's
-    recipe (same budget, same data mixture, another seed), whose one-hot proxy is the
-    component itself (nothing kept at the base): evidence of the seed-noise floor."""
-    if tokens != component_tokens or keep_base:
-        return []
-    out = []
-    for i, plan in enumerate(plans):
-        hot = np.flatnonzero(plan.merge_weights > 1 - 1e-9)
-        if hot.size != 1:
-            continue
-        d = pool.domains[int(hot[0])]
-        recorded = pool.manifest["components"][d].get("training_mixture")
-        if recorded is None:
-            continue
-        mix = np.array([float(recorded.get(x, 0.0)) for x in pool.domains])
-        if np.abs(mix - plan.mixture).max() < 1e-6:
-            out.append((i, d))
-    return out
 
 
 def _baselines_by_weights(

@@ -1,6 +1,10 @@
 """What a validation found, in words and in a compact table: the fidelity rows shared by the
 report and the terminal, the plain sentences on where fidelity is weak, and `format_summary`
-(what `merge-mix validate` prints)."""
+(what `merge-mix validate` prints).
+
+Regrets and gains are shown with their paired 95% interval over test documents, and marked
+``*`` when they are below the seed-noise floor (`merge_mix.validate.intervals`), which has
+its own column."""
 
 from __future__ import annotations
 
@@ -46,9 +50,63 @@ def amount(v: float | None, sign: bool = False) -> str:
     return format(v, ("+" if sign else "") + (".4f" if abs(v) < 1000 else ".4g"))
 
 
+BELOW_FLOOR = "*"
+"""The mark of a regret or gain below the seed-noise floor."""
+
+
+def with_interval(v: float | None, c: Mapping[str, Any] | None, below: bool | None) -> str:
+    """A regret or gain, its interval when it has one, and the below-floor mark."""
+    text = amount(v, sign=True)
+    if c is not None:
+        text += f" [{amount(c['low'], sign=True)}, {amount(c['high'], sign=True)}]"
+    return text + (BELOW_FLOOR if below else "")
+
+
 def _gain(entry: Mapping[str, Any], name: str) -> str:
     g = entry["baselines"].get(name)
-    return amount(None if g is None else g["gain"], sign=True)
+    if g is None:
+        return "n/a"
+    return with_interval(g["gain"], g.get("interval"), g.get("below_seed_floor"))
+
+
+def _regret(entry: Mapping[str, Any]) -> str:
+    r = entry["regret"]
+    return with_interval(r["absolute"], r.get("interval"), r.get("below_seed_floor"))
+
+
+def below_floor_points(result: Mapping[str, Any]) -> list[str]:
+    """One sentence per raw target whose regret or gains are below the seed-noise floor."""
+    out = []
+    for t in result["targets"]:
+        e = result["fidelity"]["raw"]["targets"][t]
+        what = ["the regret"] if e["regret"].get("below_seed_floor") else []
+        what += [
+            f"the gain over {name}"
+            for name, g in e["baselines"].items()
+            if g.get("below_seed_floor")
+        ]
+        if what:
+            out.append(
+                f"{target_name(t)}: {', '.join(what)} of the proxy's pick"
+                f" ({e['regret']['pick']}) {'is' if len(what) == 1 else 'are'} below the"
+                f" seed-noise floor ({amount(e['seed_floor'])}): retraining with another seed"
+                " could change it."
+            )
+    return out
+
+
+def floor_line(result: Mapping[str, Any]) -> str:
+    """The seed-noise floor of every target, and what it was measured from, in one line."""
+    floor = result.get("seed_floor") or {}
+    per = floor.get("targets", {})
+    kinds = sorted({(e["kind"], e["mixture"]) for v in per.values() for e in v["evidence"]})
+    if not kinds:
+        return "seed-noise floor: not measured (validate --seeds 2 or more)"
+    sources = ", ".join(
+        f"{m} (extra seed)" if k == "seed" else f"{m} vs its component" for k, m in kinds
+    )
+    values = ", ".join(f"{target_name(t)} {amount(v['floor'])}" for t, v in per.items())
+    return f"seed-noise floor on the {floor['split']} split, from {sources}: {values}"
 
 
 def _raw_entries(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -90,7 +148,7 @@ def weak_points(result: Mapping[str, Any]) -> list[str]:
                 " give the benchmark more items (make-tasks --max-docs) before reading its ranks."
             )
         rel = e["regret"]["relative"]
-        if rel is not None and rel > REGRET_TOLERANCE:
+        if rel is not None and rel > REGRET_TOLERANCE and not e["regret"].get("below_seed_floor"):
             out.append(
                 f"{name}: the proxy's pick ({e['regret']['pick']}) is {rel:.1%} worse than the"
                 f" best reference ({e['regret']['best']})."
@@ -143,11 +201,12 @@ def fidelity_rows(
                 ci(e["kendall"]),
                 ci(e["pearson"]),
                 num(e["top_spearman"]["value"]),
-                amount(r["absolute"]),
+                _regret(e),
                 num(None if r["relative"] is None else 100 * r["relative"], ".2f") + "%",
                 r["pick"],
                 _gain(e, "uniform"),
                 _gain(e, "natural"),
+                amount(e.get("seed_floor")),
             ]
         )
     macro = table.get("macro")
@@ -162,6 +221,7 @@ def fidelity_rows(
                 "",
                 num(None if macro["regret_relative"] is None else 100 * macro["regret_relative"])
                 + "%",
+                "",
                 "",
                 "",
                 "",
@@ -181,6 +241,7 @@ FIDELITY_HEADER = [
     "proxy's pick",
     "gain vs uniform",
     "gain vs natural",
+    "seed floor",
 ]
 
 
@@ -196,13 +257,17 @@ def format_summary(result: Mapping[str, Any]) -> str:
             if s["references_at_component_budget"]
             else f" (components: {s['component_tokens']:,})"
         )
-        + f"; held-out {'all' if s['heldout_tokens'] is None else format(s['heldout_tokens'], ',')}"
-        " tokens per domain",
+        + f"; judged on the {result['splits']['judged_on']} split"
+        f" ({sum(result['splits']['test']['documents'].values()):,} documents), calibration"
+        f" fitted on the {result['splits']['calibration_fitted_on']} split"
+        f" ({'all' if s['heldout_tokens'] is None else format(s['heldout_tokens'], ',')}"
+        " tokens per domain)",
         f"references: {c['references_trained']} trained, {c['references_reused']} reused;"
         f" per mixture {c['reference_train_s_per_mixture']:.2f} s to train vs"
         f" {c['proxy_score_s_per_mixture']:.3f} s to score a proxy",
         "component drift from base: "
         + ", ".join(f"{d} {x:.4f}" for d, x in result["drift"]["components"].items()),
+        floor_line(result),
         "",
     ]
     if result.get("objective"):
@@ -218,19 +283,24 @@ def format_summary(result: Mapping[str, Any]) -> str:
         )
     width = max(16, *(len(target_name(t)) + 1 for _, _, ts in sides for t in ts))
     header = (
-        f"{'target':<{width}}{'Spearman [95% CI]':<22}{'Kendall':>8}{'Pearson':>8}{'top25%':>8}"
-        f"{'regret':>9}{'rel':>8}{'vs uniform':>12}"
+        f"{'target':<{width}}{'Spearman [95% CI]':<22}{'Kendall':>8}{'top25%':>8}"
+        f"  {'regret [95% CI]':<28}{'rel':>7}  {'vs uniform [95% CI]':<28}{'floor':>8}"
     )
     for title, table, targets in sides:
         lines += [title, header]
         macro = "macro (benchmarks)" if table is bench else "macro (domains)"
         for row in fidelity_rows(table, targets, macro):
-            name, rho, kendall, pearson, top, regret, rel, _, vs_uniform, _ = row
+            name, rho, kendall, _, top, regret, rel, _, vs_uniform, _, floor = row
             lines.append(
-                f"{name:<{width}}{rho:<22}{kendall.split(' ')[0]:>8}{pearson.split(' ')[0]:>8}"
-                f"{top:>8}{regret:>9}{rel:>8}{vs_uniform:>12}"
+                f"{name:<{width}}{rho:<22}{kendall.split(' ')[0]:>8}{top:>8}"
+                f"  {regret:<28}{rel:>7}  {vs_uniform:<28}{floor:>8}"
             )
         lines.append("")
+    lines.append(
+        f"{BELOW_FLOOR} below the seed-noise floor; intervals: paired bootstrap over test"
+        " documents (Spearman's: over mixtures)"
+    )
+    lines += below_floor_points(result)
     lines += weak_points(result)
     lines += result["warnings"]
     files = result.get("files", {})
