@@ -123,6 +123,144 @@ def pool_show(pool: Path) -> None:
     click.echo(format_pool_table(pool))
 
 
+@pool_group.command("add-target")
+@click.argument("pool", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name")
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    required=True,
+    help="Where the target set's documents come from, as KIND:LOCATION (files:'docs/**/*.md',"
+    " jsonl:data.jsonl, builtin:prose, ...; a bare glob is files:). Repeatable.",
+)
+@click.option("--text-field", default="text", show_default=True, help="Text field of data files.")
+@click.option("--max-bytes", type=int, default=None, help="Cap on the target set's text.")
+def pool_add_target(pool: Path, name: str, sources, text_field: str, max_bytes) -> None:
+    """Add the evaluation-only target set NAME to the built POOL: read its sources, drop
+    what the training data holds (exact and near duplicates), split it into search/test by
+    document and tokenize it with the pool's tokenizer. Nothing is trained on it; searches
+    can minimise its loss (--objective target-set:NAME)."""
+    from merge_mix.config import SOURCE_KINDS, DomainSpec, parse_source
+    from merge_mix.targets import add_target
+
+    specs = []
+    for i, raw in enumerate(sources):
+        kind, sep, location = raw.partition(":")
+        entry = {kind: location} if sep and kind in SOURCE_KINDS else {"files": raw}
+        if next(iter(entry)) != "builtin":
+            entry["text_field"] = text_field
+        specs.append(parse_source(entry, f"--source[{i}]", Path.cwd()))
+    target = DomainSpec(name=name, sources=tuple(specs), max_bytes=max_bytes)
+    entry = add_target(pool, target)
+    counts = ", ".join(
+        f"{s} {entry[s]['documents']} docs/{entry[s]['tokens']:,} tokens"
+        for s in ("search", "test")
+    )
+    click.echo(f"target set {name!r} added to {pool}: {counts}")
+
+
+@pool_group.command("import")
+@click.argument("pool", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The HF model directory (config.json, *.safetensors) trained elsewhere.",
+)
+@click.option(
+    "--domain", default=None, help="The component's domain (one of the pool spec's domains)."
+)
+@click.option(
+    "--mixture",
+    required=True,
+    metavar="SPEC",
+    help="The data mixture it was trained on, NAME=VALUE,... (a component's must be its "
+    "recipe's; see `merge-mix plan`).",
+)
+@click.option("--tokens", required=True, type=click.IntRange(min=1), help="Training tokens it saw.")
+@click.option(
+    "--as",
+    "role",
+    type=click.Choice(["component", "reference"]),
+    default="component",
+    show_default=True,
+    help="A pool component, or a validation reference of --mixture at --tokens.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Its data seed (recorded); for a reference, the training seed `validate` looks it "
+    "up by (default 0).",
+)
+@click.option(
+    "--wall-time-s",
+    type=float,
+    default=None,
+    help="Its training time in seconds (recorded; validate's cost report reads it for references).",
+)
+@click.option(
+    "--replace", is_flag=True, help="Replace a finished component (or reference) already there."
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where to score it on the search split once imported ('auto': cuda, mps, cpu).",
+)
+def pool_import(pool, model_dir, domain, mixture, tokens, role, seed, wall_time_s, replace, device):
+    """Add a component (or a validation reference) trained elsewhere to POOL.
+
+    MODEL is checked against the pool's base (config, every tensor's name, shape and dtype,
+    tokenizer), its safetensors files are copied in, hashed and recorded with their
+    provenance; it then merges, searches and validates like any other component.
+    """
+    from merge_mix.pool import format_pool_table
+    from merge_mix.pool_import import import_model
+
+    result = import_model(
+        pool, model_dir, mixture, tokens, domain=domain, role=role, seed=seed,
+        replace=replace, device=device, wall_time_s=wall_time_s,
+    )  # fmt: skip
+    for w in result.warnings:
+        click.echo(w, err=True)
+    click.echo(f"imported {result.role} {result.name} into {result.path} (sha256 {result.sha256})")
+    if result.role == "component":
+        click.echo(format_pool_table(pool))
+
+
+@main.command("plan")
+@click.argument("pool_or_spec", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the recipes (one <domain>.json each).",
+)
+@click.option(
+    "--only",
+    "only",
+    multiple=True,
+    metavar="DOMAIN",
+    help="Only this domain's recipe (repeatable).",
+)
+def plan_cmd(pool_or_spec: Path, out_dir: Path, only: tuple[str, ...]) -> None:
+    """Write, per component, the recipe an external trainer needs (JSON): mixture, token
+    budget, shards and their index format, seed, hyperparameters, base path.
+
+    POOL_OR_SPEC is a pool directory, or a spec whose pool exists (after
+    `merge-mix train-components SPEC --prepare-only`). See docs/training.md, "Components
+    trained elsewhere", and docs/examples/train_component.py.
+    """
+    from merge_mix.plan import write_plan
+
+    for path in write_plan(pool_or_spec, out_dir, list(only) or None):
+        click.echo(str(path))
+
+
 _verify_option = click.option(
     "--verify",
     type=click.Choice(["cached", "full"]),
@@ -172,6 +310,13 @@ _extrapolate_option = click.option(
 )
 
 
+def _allow_network(ctx, param, value) -> None:
+    if value:
+        from merge_mix.lmeval import allow_network
+
+        allow_network(True)
+
+
 def _lmeval_options(fn):
     """lm-eval task options shared by eval, search and validate."""
     options = [
@@ -195,6 +340,14 @@ def _lmeval_options(fn):
             help="lm-eval documents per task (a multiple of the choices per item "
             "keeps multiple-choice groups whole).",
         ),
+        click.option(
+            "--allow-network",
+            is_flag=True,
+            expose_value=False,
+            callback=_allow_network,
+            help="Let lm-eval's built-in tasks download their datasets (default: offline,"
+            " local files and the datasets cache only).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -207,6 +360,17 @@ def _task_options(tasks: str, include_path: Path | None) -> tuple[list[str], Pat
     if names and include_path is None:
         include_path = Path("eval_tasks")
     return names, include_path
+
+
+_stack_dtype_option = click.option(
+    "--stack-dtype",
+    "stack_dtype",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Dtype of the resident components (bf16 halves their memory; merges still "
+    "accumulate in fp32).",
+)
 
 
 def _scorer(pool, keep_base, stream, device, heldout_tokens, **kw):
@@ -269,6 +433,7 @@ def _notice(msg: str) -> None:
     "the split.",
 )
 @_merge_options
+@_stack_dtype_option
 @_extrapolate_option
 def eval_cmd(
     pool,
@@ -285,6 +450,7 @@ def eval_cmd(
     device,
     verify,
     heldout_tokens,
+    stack_dtype,
     extrapolate,
 ):
     """Score mixture proxies of POOL: per-domain held-out loss, perplexity, bits per byte,
@@ -314,6 +480,7 @@ def eval_cmd(
         device,
         heldout_tokens,
         split=split,
+        stack_dtype=stack_dtype,
         lmeval_tasks=task_list,
         lmeval_include=include_path,
         lmeval_limit=limit,
@@ -628,6 +795,7 @@ def lm_eval_cmd(args):
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_merge_options
+@_stack_dtype_option
 def search_cmd(
     pool,
     run_dir,
@@ -661,6 +829,7 @@ def search_cmd(
     stream,
     device,
     verify,
+    stack_dtype,
 ):
     """Find the mixture of POOL's domains that minimises an objective, by scoring many
     merged proxies on the pool's search split: baselines (uniform, natural, each pure
@@ -681,8 +850,9 @@ def search_cmd(
     from merge_mix.search.gradient import GradientConfig
     from merge_mix.search.pipeline import format_search_summary, search_pool
 
-    domains = Pool.open(pool).domains
-    obj = load_objective(objective, domains, calibrated=calibrated)
+    opened = Pool.open(pool)
+    domains = opened.domains
+    obj = load_objective(objective, domains, calibrated=calibrated, targets=opened.targets)
     config = SearchConfig(
         sampler=sampler,
         n_trials=n_trials,
@@ -713,6 +883,8 @@ def search_cmd(
         heldout_tokens=heldout_tokens,
         keep_base=tuple(keep_base),
         stream=stream,
+        stack_dtype=stack_dtype,
+        notice=_notice,
         lmeval_tasks=task_list,
         lmeval_include=include_path,
         lmeval_limit=limit,
@@ -770,11 +942,10 @@ def search_cmd(
 @click.option(
     "--heldout-tokens",
     type=click.IntRange(min=1),
-    default=16_384,
-    show_default=True,
-    help="Search-split tokens per domain the calibration is fitted on, for proxies and "
-    "references alike (use the searches' --heldout-tokens); fidelity is judged on every "
-    "piece of the test split.",
+    default=None,
+    help="Cap on the search-split tokens per domain the calibration is fitted on, for "
+    "proxies and references alike (use the searches' --heldout-tokens; default: every "
+    "piece, as search does); fidelity is judged on every piece of the test split.",
 )
 @click.option(
     "--seeds",

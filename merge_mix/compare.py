@@ -152,9 +152,9 @@ def unit_of(objective) -> str:
     """The unit of an objective's value: nats/token or bits/byte when every term is a
     held-out loss or bits-per-byte, else "objective units"."""
     metrics = {(t.source, t.metric) for t in objective.terms}
-    if metrics <= {("heldout", "loss"), ("calibrated", "loss")}:
+    if metrics <= {("heldout", "loss"), ("calibrated", "loss"), ("target", "loss")}:
         return "nats/token"
-    if metrics == {("heldout", "bpb")}:
+    if metrics <= {("heldout", "bpb"), ("target", "bpb")}:
         return "bits/byte"
     return "objective units"
 
@@ -162,7 +162,7 @@ def unit_of(objective) -> str:
 def sentence(c: Mapping, other: str, unit: str, split: str = "test") -> str:
     """The verdict as the CLI, the report and best.json say it, e.g. "better than uniform
     by 0.0123 [0.0050, 0.0190] nats/token on the test split" (a gain is a positive number:
-    how much lower the pick's value is)."""
+    how much lower the pick's value is; "gain" in the not-distinguishable case too)."""
     gain, lo, hi = -c["delta"], -c["hi"], -c["lo"]
     interval = f"{gain:.4f} [{lo:.4f}, {hi:.4f}] {unit}"
     if c["verdict"] == "better":
@@ -171,4 +171,4 @@ def sentence(c: Mapping, other: str, unit: str, split: str = "test") -> str:
         return (
             f"worse than {other} by {-gain:.4f} [{-hi:.4f}, {-lo:.4f}] {unit} on the {split} split"
         )
-    return f"not distinguishable from {other} on the {split} split (difference {interval})"
+    return f"not distinguishable from {other} on the {split} split (gain {interval})"

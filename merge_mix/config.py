@@ -8,6 +8,7 @@ raises a `MergeMixError` whose one line names the file and the field, e.g.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -40,6 +41,20 @@ class SourceSpec:
     """Field holding the text, for jsonl/json/parquet/csv/hf_disk sources."""
     split: str | None = None
     """Split to read from a `DatasetDict` saved with `save_to_disk`."""
+    encoding: str | None = None
+    """Text encoding of a files/jsonl/json/csv source (e.g. ``latin-1``). None: UTF-8, and
+    files of a ``files`` source that are not UTF-8 are skipped and counted."""
+    max_file_bytes: int | None = None
+    """Files of a ``files`` source larger than this are skipped and counted. None: no cap."""
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide what is read, for a pool's sources hash; the optional
+        ones only when set, so pools built before they existed keep their hash."""
+        fields = dataclasses.asdict(self)
+        for key in ("encoding", "max_file_bytes"):
+            if fields[key] is None:
+                del fields[key]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -148,6 +163,12 @@ class TrainingSpec:
     """`auto` (cuda, then mps, then cpu), or a torch device string."""
     precision: str = "auto"
     """`auto` (bf16 autocast on CUDA, fp32 elsewhere), `fp32` or `bf16`."""
+    parallel: str = "ddp"
+    """Under torchrun: `ddp` (a full model and AdamW state on every rank) or `fsdp` (torch
+    FSDP2 `fully_shard`: weights, gradients and AdamW state sharded over the ranks)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (less memory, about
+    a third more compute); the result is the same."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +192,9 @@ class PoolSpec:
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
+    targets: tuple[DomainSpec, ...] = ()
+    """Target sets: evaluation-only data (sources and `max_bytes` as a domain's), scored
+    and searched for but never trained on (`merge_mix.targets`)."""
 
     @property
     def domain_names(self) -> list[str]:
@@ -261,6 +285,10 @@ def _check(spec: PoolSpec, where: str) -> None:
         fail("training.decay_fraction", "must be in (0, 1]")
     if t.precision not in ("auto", "fp32", "bf16"):
         fail("training.precision", "must be 'auto', 'fp32' or 'bf16'")
+    if t.parallel not in ("ddp", "fsdp"):
+        fail("training.parallel", "must be 'ddp' or 'fsdp'")
+    if not isinstance(t.activation_checkpointing, bool):
+        fail("training.activation_checkpointing", "must be true or false")
     for name in ("warmup_steps", "eval_every", "checkpoint_every", "eval_tokens"):
         if getattr(t, name) < 0:
             fail(f"training.{name}", "must be >= 0")
@@ -331,9 +359,12 @@ def _source(raw: Any, where: str, base_dir: Path) -> SourceSpec:
             f" (got {', '.join(map(str, raw)) or 'none'})"
         )
     kind = kinds[0]
-    extra = sorted(set(raw) - {kind, "text_field", "split"})
+    optional = ("text_field", "split", "encoding", "max_file_bytes")
+    extra = sorted(set(raw) - {kind, *optional})
     if extra:
-        raise MergeMixError(f"{where}.{extra[0]}: unknown key (known: {kind}, text_field, split)")
+        raise MergeMixError(
+            f"{where}.{extra[0]}: unknown key (known: {kind}, {', '.join(optional)})"
+        )
     location = raw[kind]
     if not isinstance(location, str) or not location.strip():
         raise MergeMixError(f"{where}.{kind}: must be a non-empty string")
@@ -348,34 +379,39 @@ def _source(raw: Any, where: str, base_dir: Path) -> SourceSpec:
         location = str(expanded if expanded.is_absolute() else base_dir / expanded)
     text_field = _coerce(raw.get("text_field", "text"), str, f"{where}.text_field")
     split = raw.get("split")
+    encoding = _coerce(raw.get("encoding"), str | None, f"{where}.encoding")
+    if encoding is not None:
+        if kind not in ("files", "jsonl", "json", "csv"):
+            raise MergeMixError(
+                f"{where}.encoding: only files, jsonl, json and csv sources are read as text"
+            )
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise MergeMixError(f"{where}.encoding: unknown text encoding {encoding!r}") from None
+    max_file_bytes = _coerce(raw.get("max_file_bytes"), int | None, f"{where}.max_file_bytes")
+    if max_file_bytes is not None:
+        if kind != "files":
+            raise MergeMixError(f"{where}.max_file_bytes: only for files sources")
+        if max_file_bytes <= 0:
+            raise MergeMixError(f"{where}.max_file_bytes: must be > 0")
     return SourceSpec(
         kind=kind,
         location=location,
         text_field=text_field,
         split=None if split is None else str(split),
+        encoding=encoding,
+        max_file_bytes=max_file_bytes,
     )
 
 
-def parse_spec(raw: Any, spec_path: Path) -> PoolSpec:
-    """Turn the parsed YAML of a spec file into a checked `PoolSpec`."""
-    where = str(spec_path)
-    if not isinstance(raw, dict):
-        raise MergeMixError(f"{where}: expected a YAML mapping at the top level")
-    known = {f.name for f in dataclasses.fields(PoolSpec)} - {"spec_path"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise MergeMixError(
-            f"{where}: {unknown[0]}: unknown key (known: {', '.join(sorted(known))})"
-        )
-    base_dir = spec_path.parent
-    raw_domains = raw.get("domains")
-    if not isinstance(raw_domains, dict) or not raw_domains:
-        raise MergeMixError(f"{where}: domains: must map each domain name to its sources")
-    domains = []
-    for name, body in raw_domains.items():
+def _domain_specs(raw: dict, where: str, base_dir: Path) -> tuple[DomainSpec, ...]:
+    """Domains (or target sets) of a spec section: name -> {sources, max_bytes}."""
+    domains: list[DomainSpec] = []
+    for name, body in raw.items():
         # Names that look alike are one name: "café" typed two ways is one domain.
         name = unicodedata.normalize("NFC", str(name))
-        dwhere = f"{where}: domains.{name}"
+        dwhere = f"{where}.{name}"
         if name in [d.name for d in domains]:
             raise MergeMixError(
                 f"{dwhere}: given twice (two names that are equal after Unicode NFC normalisation)"
@@ -397,6 +433,52 @@ def parse_spec(raw: Any, spec_path: Path) -> PoolSpec:
                 max_bytes=_coerce(body.get("max_bytes"), int | None, f"{dwhere}.max_bytes"),
             )
         )
+    return tuple(domains)
+
+
+def parse_source(raw: Any, where: str, base_dir: Path) -> SourceSpec:
+    """One source as a spec lists it (a mapping like ``{jsonl: data.jsonl}``, or a glob
+    string); relative paths are relative to `base_dir`."""
+    return _source(raw, where, base_dir)
+
+
+def check_target_names(targets: tuple[DomainSpec, ...], domains: list[str], where: str) -> None:
+    """A target set's name must differ from every domain's and hold no '/'; no domain may
+    be called ``targets`` (their data directory) once a pool has target sets."""
+    for t in targets:
+        if t.name in domains:
+            raise MergeMixError(
+                f"{where}: targets.{t.name}: also a domain's name; name the target set apart"
+            )
+        if "/" in t.name or not t.name.strip():
+            raise MergeMixError(f"{where}: targets.{t.name}: a name must be non-empty, no '/'")
+    if targets and "targets" in domains:
+        raise MergeMixError(
+            f"{where}: domains.targets: reserved for target sets' data (data/targets/)"
+        )
+
+
+def parse_spec(raw: Any, spec_path: Path) -> PoolSpec:
+    """Turn the parsed YAML of a spec file into a checked `PoolSpec`."""
+    where = str(spec_path)
+    if not isinstance(raw, dict):
+        raise MergeMixError(f"{where}: expected a YAML mapping at the top level")
+    known = {f.name for f in dataclasses.fields(PoolSpec)} - {"spec_path"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise MergeMixError(
+            f"{where}: {unknown[0]}: unknown key (known: {', '.join(sorted(known))})"
+        )
+    base_dir = spec_path.parent
+    raw_domains = raw.get("domains")
+    if not isinstance(raw_domains, dict) or not raw_domains:
+        raise MergeMixError(f"{where}: domains: must map each domain name to its sources")
+    domains = _domain_specs(raw_domains, f"{where}: domains", base_dir)
+    raw_targets = raw.get("targets") or {}
+    if not isinstance(raw_targets, dict):
+        raise MergeMixError(f"{where}: targets: must map each target set's name to its sources")
+    targets = _domain_specs(raw_targets, f"{where}: targets", base_dir)
+    check_target_names(targets, [d.name for d in domains], where)
     name = _coerce(raw.get("name", spec_path.stem), str, f"{where}: name")
     out = Path(os.path.expandvars(os.path.expanduser(str(raw.get("output_dir", name)))))
     model = _section(ModelSpec, raw.get("model"), f"{where}: model")
@@ -411,7 +493,7 @@ def parse_spec(raw: Any, spec_path: Path) -> PoolSpec:
         tok = dataclasses.replace(tok, path=model.pretrained)
     spec = PoolSpec(
         name=name,
-        domains=tuple(domains),
+        domains=domains,
         output_dir=out if out.is_absolute() else base_dir / out,
         spec_path=spec_path,
         seed=_coerce(raw.get("seed", 0), int, f"{where}: seed"),
@@ -422,6 +504,7 @@ def parse_spec(raw: Any, spec_path: Path) -> PoolSpec:
         tokenizer=tok,
         model=model,
         training=_section(TrainingSpec, raw.get("training"), f"{where}: training"),
+        targets=targets,
     )
     _check(spec, where)
     return spec

@@ -33,6 +33,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from merge_mix.config import DataSpec, DomainSpec, SourceSpec
 from merge_mix.errors import MergeMixError
@@ -41,6 +42,14 @@ from merge_mix.errors import MergeMixError
 # otherwise fill a whole capped domain.
 _BUILTIN_MAX_FILE_BYTES = 256_000
 _SKIP_DIRS = {"__pycache__", ".git", "node_modules"}
+SKIP_REASONS = ("not_utf8", "binary", "too_large")
+"""Why a file is skipped: it does not decode (as UTF-8, or as the source's `encoding`), it
+holds a NUL byte, or it is larger than the source's cap."""
+_REASON_TEXT = {
+    "not_utf8": "not UTF-8 text",
+    "binary": "binary (NUL bytes)",
+    "too_large": "too large",
+}
 logger = logging.getLogger(__name__)
 
 
@@ -61,7 +70,7 @@ class DomainCorpus:
     )
     digests: list[str] = field(default_factory=list)
     """SHA-256 of every document kept (all splits), for cross-domain de-duplication."""
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def pieces(self, split: str) -> list[str]:
         return [p for doc in self.splits[split] for p in doc]
@@ -109,40 +118,59 @@ def dependency_files() -> list[Path]:
 
 
 def _select(
-    paths: list[Path], suffixes: tuple[str, ...], names: tuple[str, ...] = ()
+    paths: list[Path],
+    suffixes: tuple[str, ...],
+    names: tuple[str, ...] = (),
+    skipped: dict[str, int] | None = None,
 ) -> list[Path]:
-    """Readable files among `paths` with one of `suffixes` (or a name prefix), sorted."""
+    """Readable files among `paths` with one of `suffixes` (or a name prefix), sorted;
+    those over `_BUILTIN_MAX_FILE_BYTES` are counted in ``skipped["too_large"]``."""
     found: set[Path] = set()
-    for path in paths:
+    for path in dict.fromkeys(paths):  # each file once, so it is counted once
         if any(part in _SKIP_DIRS for part in path.parts):
             continue
         name = path.name
         if name.endswith(suffixes) or (names and name.startswith(names)):
             try:
-                if path.is_file() and path.stat().st_size <= _BUILTIN_MAX_FILE_BYTES:
+                if not path.is_file():
+                    continue
+                if path.stat().st_size <= _BUILTIN_MAX_FILE_BYTES:
                     found.add(path)
+                elif skipped is not None:
+                    skipped["too_large"] = skipped.get("too_large", 0) + 1
             except OSError:
                 continue
     return sorted(found)
 
 
-def _walk(roots: list[Path], suffixes: tuple[str, ...], names: tuple[str, ...] = ()) -> list[Path]:
+def _walk(
+    roots: list[Path], suffixes: tuple[str, ...], skipped: dict[str, int] | None = None
+) -> list[Path]:
     """Files under `roots` (the interpreter's own directories) with one of `suffixes`."""
     found = [p for root in roots if root.is_dir() for p in root.rglob("*")]
-    return _select(found, suffixes, names)
+    return _select(found, suffixes, skipped=skipped)
 
 
-def _read_text(path: Path) -> str | None:
+def _read_text(
+    path: Path, skipped: dict[str, int] | None = None, encoding: str | None = None
+) -> str | None:
+    """The file's text, or None (counted in `skipped` by reason) if it holds a NUL byte or
+    does not decode as `encoding` (UTF-8 when None). Unreadable files are None too."""
     try:
         data = path.read_bytes()
     except OSError:
         return None
+    reason = None
     if b"\x00" in data:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+        reason = "binary"
+    else:
+        try:
+            return data.decode(encoding or "utf-8")
+        except UnicodeDecodeError:
+            reason = "not_utf8"
+    if skipped is not None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+    return None
 
 
 def _metadata_body(text: str) -> str:
@@ -160,30 +188,32 @@ def _stdlib_files(stdlib: Path) -> list[Path]:
     ]
 
 
-def _builtin_documents(name: str) -> Iterator[str]:
+def _builtin_documents(name: str, skipped: dict[str, int]) -> Iterator[str]:
     paths = sysconfig.get_paths()
     stdlib = Path(paths["stdlib"]).resolve()
     if name == "python-stdlib":
-        chosen = _select(_stdlib_files(stdlib), (".py",))
+        chosen = _select(_stdlib_files(stdlib), (".py",), skipped=skipped)
     elif name == "c-headers":
         include = Path(paths["include"]).resolve()
-        chosen = _walk([include], (".h",)) + _select(
-            dependency_files(), (".h", ".hpp", ".hh", ".cuh")
+        chosen = _walk([include], (".h",), skipped) + _select(
+            dependency_files(), (".h", ".hpp", ".hh", ".cuh"), skipped=skipped
         )
     elif name == "config-files":
         suffixes = (".yaml", ".yml", ".toml", ".json", ".cfg", ".ini")
-        chosen = _select(dependency_files() + _stdlib_files(stdlib), suffixes)
+        chosen = _select(dependency_files() + _stdlib_files(stdlib), suffixes, skipped=skipped)
     elif name == "prose":
         deps = dependency_files()
-        for p in _select(deps, ("METADATA",)):
-            text = _read_text(p)
+        for p in _select(deps, ("METADATA",), skipped=skipped):
+            text = _read_text(p, skipped)
             if text is not None:
                 yield _metadata_body(text)
         licence_names = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "AUTHORS")
-        chosen = _select(deps + _stdlib_files(stdlib), (".md", ".rst", ".txt"), licence_names)
+        chosen = _select(
+            deps + _stdlib_files(stdlib), (".md", ".rst", ".txt"), licence_names, skipped
+        )
         chosen = [p for p in chosen if p.suffix not in (".py", ".pyc", ".so")]
         for p in chosen:
-            text = _read_text(p)
+            text = _read_text(p, skipped)
             if text is not None:
                 yield text
         try:
@@ -196,7 +226,7 @@ def _builtin_documents(name: str) -> Iterator[str]:
     else:  # config.py refuses unknown names; this guards programmatic use.
         raise MergeMixError(f"unknown built-in corpus {name!r}")
     for p in chosen:
-        text = _read_text(p)
+        text = _read_text(p, skipped)
         if text is not None:
             yield text
 
@@ -213,8 +243,8 @@ def _records_text(records: Iterator[dict], src: SourceSpec, where: str) -> Itera
         yield value
 
 
-def _jsonl_records(path: Path) -> Iterator[dict]:
-    with path.open(encoding="utf-8") as fh:
+def _jsonl_records(path: Path, encoding: str) -> Iterator[dict]:
+    with path.open(encoding=encoding) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -224,16 +254,29 @@ def _jsonl_records(path: Path) -> Iterator[dict]:
                 raise MergeMixError(f"{path}:{lineno}: not valid JSON") from None
 
 
+def skipped_sentence(counts: dict[str, int]) -> str:
+    """``5 files skipped: 3 not UTF-8 text, 2 too large`` (reasons with a zero count left
+    out); empty when nothing was skipped."""
+    total = sum(counts.values())
+    if not total:
+        return ""
+    parts = [f"{counts[r]} {_REASON_TEXT[r]}" for r in SKIP_REASONS if counts.get(r)]
+    return f"{total} files skipped: {', '.join(parts)}"
+
+
 def source_documents(
     src: SourceSpec, where: str, skipped: dict[str, int] | None = None
 ) -> list[str]:
     """All documents of one source, in a stable order. Fails if the source is empty.
 
-    Files of a ``files`` source that are not UTF-8 text (or hold a NUL byte) are skipped;
-    their number is added to ``skipped["not_utf8"]`` and logged as a warning."""
+    Files of a ``files`` or built-in source that do not decode (UTF-8, or the source's
+    `encoding`), hold a NUL byte or are too large are skipped; their numbers by reason (of
+    `SKIP_REASONS`) are added to `skipped` and logged in one warning for the source."""
     docs: list[str]
+    counts: dict[str, int] = {}
+    encoding = src.encoding or "utf-8"
     if src.kind == "builtin":
-        docs = list(_builtin_documents(src.location))
+        docs = list(_builtin_documents(src.location, counts))
     elif src.kind == "files":
         import glob
 
@@ -242,28 +285,29 @@ def source_documents(
         )
         if not matches:
             raise MergeMixError(f"{where}: glob {src.location!r} matched no files")
-        texts = [_read_text(p) for p in matches]
-        docs = [t for t in texts if t is not None]
-        n_skipped = len(texts) - len(docs)
-        if n_skipped and not docs:
+        docs = []
+        for p in matches:
+            if src.max_file_bytes is not None and p.stat().st_size > src.max_file_bytes:
+                counts["too_large"] = counts.get("too_large", 0) + 1
+                continue
+            text = _read_text(p, counts, src.encoding)
+            if text is not None:
+                docs.append(text)
+        if not docs:
             raise MergeMixError(
                 f"{where}: glob {src.location!r} matched {len(matches)} files, and"
-                f" {n_skipped} files skipped: not UTF-8 text; no documents left"
+                f" {skipped_sentence(counts)}; no documents left"
             )
-        if n_skipped:
-            logger.warning("%s: %d files skipped: not UTF-8 text", where, n_skipped)
-            if skipped is not None:
-                skipped["not_utf8"] = skipped.get("not_utf8", 0) + n_skipped
     else:
         path = Path(src.location)
         if not path.exists():
             raise MergeMixError(f"{where}: {path} does not exist")
         try:
             if src.kind == "jsonl":
-                docs = list(_records_text(_jsonl_records(path), src, str(path)))
+                docs = list(_records_text(_jsonl_records(path, encoding), src, str(path)))
             elif src.kind == "json":
                 try:
-                    data = json.loads(path.read_text(encoding="utf-8"))
+                    data = json.loads(path.read_text(encoding=encoding))
                 except json.JSONDecodeError as exc:
                     raise MergeMixError(f"{path}: not valid JSON (line {exc.lineno})") from None
                 if isinstance(data, dict) and isinstance(data.get(src.text_field), list):
@@ -274,7 +318,7 @@ def source_documents(
                     )
                 docs = list(_records_text(iter(data), src, str(path)))
             elif src.kind == "csv":
-                with path.open(encoding="utf-8", newline="") as fh:
+                with path.open(encoding=encoding, newline="") as fh:
                     reader = csv.DictReader(fh)
                     if reader.fieldnames is None or src.text_field not in reader.fieldnames:
                         raise MergeMixError(f"{path}: no column {src.text_field!r}")
@@ -296,7 +340,13 @@ def source_documents(
             else:
                 raise MergeMixError(f"{where}: unknown source kind {src.kind!r}")
         except UnicodeDecodeError:
-            raise MergeMixError(f"{path}: not UTF-8 text") from None
+            hint = "" if src.encoding else " (set the source's encoding, e.g. encoding: latin-1)"
+            raise MergeMixError(f"{path}: not {encoding} text{hint}") from None
+    if counts:
+        logger.warning("%s: %s", where, skipped_sentence(counts))
+    if skipped is not None:
+        for reason, n in counts.items():
+            skipped[reason] = skipped.get(reason, 0) + n
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise MergeMixError(f"{where}: source {src.kind}={src.location!r} has no documents")
@@ -371,12 +421,13 @@ def cut_pieces(text: str, max_bytes: int) -> list[str]:
     return pieces
 
 
-def read_domain(domain: DomainSpec, where: str) -> tuple[dict[str, str], dict[str, int]]:
+def read_domain(domain: DomainSpec, where: str) -> tuple[dict[str, str], dict]:
     """A domain's documents by SHA-256, exact duplicates removed and `max_bytes` applied
-    in hash order (a fixed pseudo-random order, so a cap samples all sources evenly)."""
+    in hash order (a fixed pseudo-random order, so a cap samples all sources evenly).
+    The stats include ``skipped``: files skipped, by reason of `SKIP_REASONS`."""
     docs: dict[str, str] = {}
     n_read = 0
-    skipped: dict[str, int] = {}
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
     for i, src in enumerate(domain.sources):
         for text in source_documents(src, f"{where}.sources[{i}]", skipped):
             n_read += 1
@@ -392,13 +443,13 @@ def read_domain(domain: DomainSpec, where: str) -> tuple[dict[str, str], dict[st
         "documents_read": n_read,
         "duplicates_removed": n_read - len(docs),
         "documents_kept": len(kept),
-        "skipped_not_utf8": skipped.get("not_utf8", 0),
+        "skipped": skipped,
     }
     return kept, stats
 
 
 def split_domain(
-    name: str, docs: dict[str, str], data: DataSpec, stats: dict[str, int] | None = None
+    name: str, docs: dict[str, str], data: DataSpec, stats: dict[str, Any] | None = None
 ) -> DomainCorpus:
     """Split documents into train / search / test by content hash and cut them into pieces
     (pieces under `data.min_doc_bytes` dropped). Held-out documents past

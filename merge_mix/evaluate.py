@@ -19,6 +19,9 @@ i.e. token-weighted means, not means of per-piece means; ``bpb`` is lm-eval's
 ``bits_per_byte`` for the same documents, and does not depend on the tokenizer.
 
 Metric names are ``heldout/<domain>/loss``, ``heldout/<domain>/ppl``, ``heldout/<domain>/bpb``.
+A pool's target sets (evaluation-only data, `merge_mix.targets`) are scored the same way,
+on the same split, under the key ``target/<name>`` and the metric names
+``target/<name>/{loss,ppl,bpb}``.
 
 Which pieces
 ------------
@@ -40,6 +43,16 @@ import torch
 
 from merge_mix.model import autocast
 from merge_mix.tokens import Shard
+
+TARGET_PREFIX = "target/"
+"""Scores of a target set are keyed ``target/<name>`` (domains by their bare name)."""
+TARGETS_DIR = "targets"
+"""Target sets' shards live in ``data/targets/<name>/{search,test}.*``."""
+
+
+def metric_prefix(key: str) -> str:
+    """The metric-name prefix of a scored set: ``heldout/<domain>`` or ``target/<name>``."""
+    return key if key.startswith(TARGET_PREFIX) else f"heldout/{key}"
 
 
 @dataclass
@@ -156,12 +169,17 @@ class HeldoutSet:
         seq_len: int,
         max_tokens: int | None,
         split: str = "search",
+        targets: list[str] | tuple[str, ...] = (),
     ) -> HeldoutSet:
-        """`max_tokens` None reads every piece of the split."""
+        """`max_tokens` None reads every piece of the split. `targets` adds those target
+        sets (keyed ``target/<name>``) after the domains."""
         windows = {
             d: build_windows(Shard.open(data_dir / d, split), bos, seq_len, max_tokens)
             for d in domains
         }
+        for name in targets:
+            shard = Shard.open(data_dir / TARGETS_DIR / name, split)
+            windows[TARGET_PREFIX + name] = build_windows(shard, bos, seq_len, max_tokens)
         return cls(windows, max_tokens, split)
 
 
@@ -182,17 +200,78 @@ class DocumentScores:
 
     def metrics(self, domain: str, counts: np.ndarray | None = None) -> dict[str, float]:
         """loss / ppl / bpb over the documents, each counted `counts` times (a bootstrap
-        resample; None counts each once)."""
+        resample; None counts each once), named after `domain` (a domain, or a target
+        set's ``target/<name>`` key: see `metric_prefix`)."""
         if counts is None:
             nll, tokens, nbytes = self.nll.sum(), self.tokens.sum(), self.bytes.sum()
         else:
             nll, tokens, nbytes = counts @ self.nll, counts @ self.tokens, counts @ self.bytes
         loss = float(nll / tokens)
+        prefix = metric_prefix(domain)
         return {
-            f"heldout/{domain}/loss": loss,
-            f"heldout/{domain}/ppl": math.exp(min(loss, 700.0)),
-            f"heldout/{domain}/bpb": float(nll / (nbytes * math.log(2))),
+            f"{prefix}/loss": loss,
+            f"{prefix}/ppl": math.exp(min(loss, 700.0)),
+            f"{prefix}/bpb": float(nll / (nbytes * math.log(2))),
         }
+
+
+def window_lengths(windows: DomainWindows, n_windows: int) -> np.ndarray:
+    """Real (unpadded) input length of each of the first `n_windows`: every window's last
+    input position predicts a scored token, so it ends after its last label."""
+    scored = (windows.labels[:n_windows] != -100).numpy()
+    return windows.labels.shape[1] - np.argmax(scored[:, ::-1], axis=1)
+
+
+def token_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Window indices grouped into batches of at most `batch_tokens` tokens (rows x the
+    longest row, at least one row), longest windows first so that a batch's windows have
+    nearly the same length and trimmed padding wastes little."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, lo = [], 0
+    while lo < len(order):
+        rows = max(1, batch_tokens // int(lengths[order[lo]]))
+        batches.append(order[lo : lo + rows])
+        lo += rows
+    return batches
+
+
+def head_parts(model):
+    """(base model, output projection) when logits are exactly ``head(base(x))``, so the
+    head can be applied to a few positions at a time; None for architectures that scale
+    or cap their logits (and for anything not shaped like a transformers causal LM)."""
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cfg = getattr(model, "config", None)
+    if base is None or base is model or not isinstance(head, torch.nn.Linear):
+        return None
+    if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS):
+        return None
+    return base, head
+
+
+# Config keys of architectures whose logits are not simply ``lm_head(hidden)``.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_mult")
+
+
+def chunk_positions(vocab_size: int) -> int:
+    """Positions whose full-vocabulary logits are materialised at a time (about 16M
+    logits, 64 MB in fp32)."""
+    return max(64, (1 << 24) // max(1, vocab_size))
+
+
+def chunked_nll(hidden: torch.Tensor, labels: torch.Tensor, head, chunk: int) -> torch.Tensor:
+    """Per-position negative log-likelihood (fp32) of the scored positions of `hidden`
+    (``(N, H)``, flattened) under ``head(hidden)``, `chunk` positions at a time, so the
+    logits of all positions never exist at once. `head` is a module or a callable."""
+    out = []
+    for lo in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[lo : lo + chunk])
+        out.append(
+            torch.nn.functional.cross_entropy(
+                logits.float(), labels[lo : lo + chunk], reduction="none"
+            )
+        )
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -203,19 +282,40 @@ def window_nll(
     device: torch.device,
     precision: str = "auto",
     batch_size: int = 16,
+    batch_tokens: int | None = None,
 ) -> np.ndarray:
-    """Negative log-likelihood (nats, float64) of each of the first `n_windows`."""
+    """Negative log-likelihood (nats, float64) of each of the first `n_windows`.
+
+    Windows are batched by tokens, not rows: at most `batch_tokens` tokens per batch
+    (default ``batch_size x seq_len``, today's worst case), longest first, with padding
+    trimmed to each batch's longest window; the LM head and cross-entropy run on a chunk
+    of scored positions at a time (`chunked_nll`), so a batch's full-vocabulary logits
+    never exist at once. Each window's number is the same as scoring it alone, up to
+    float rounding (a causal model's positions never see what follows them)."""
     out = np.zeros(n_windows, dtype=np.float64)
-    for lo in range(0, n_windows, batch_size):
-        hi = min(lo + batch_size, n_windows)
-        ids = windows.input_ids[lo:hi].to(device)
-        lab = windows.labels[lo:hi].to(device)
+    if n_windows == 0:
+        return out
+    seq_len = windows.input_ids.shape[1]
+    lengths = window_lengths(windows, n_windows)
+    parts = head_parts(model)
+    for rows in token_batches(lengths, batch_tokens or batch_size * seq_len):
+        width = int(lengths[rows[0]])
+        ids = windows.input_ids[rows, :width].to(device)
+        lab = windows.labels[rows, :width].to(device)
+        scored = lab != -100
         with autocast(device, precision):
-            logits = model(input_ids=ids).logits
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), lab.reshape(-1), reduction="none"
-        )
-        out[lo:hi] = nll.view(hi - lo, -1).double().sum(dim=1).cpu().numpy()
+            if parts is None:
+                hidden = model(input_ids=ids).logits
+                head = torch.nn.Identity()
+            else:
+                hidden = parts[0](input_ids=ids).last_hidden_state
+                head = parts[1]
+            chunk = chunk_positions(getattr(model.config, "vocab_size", 1))
+            nll = chunked_nll(hidden[scored], lab[scored], head, chunk)
+        per_row = torch.zeros(len(rows), dtype=torch.float64, device=nll.device)
+        row_of = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(lab)[scored]
+        per_row.index_add_(0, row_of, nll.double())
+        out[rows] = per_row.cpu().numpy()
     return out
 
 

@@ -1,7 +1,8 @@
 """Export a mixture proxy as an ordinary Hugging Face model directory.
 
 The directory holds ``config.json``, safetensors weights and the pool tokenizer, so
-``AutoModelForCausalLM.from_pretrained(OUT)`` loads it, plus ``merge_mix_export.json``
+``AutoModelForCausalLM.from_pretrained(OUT)`` loads it, with transformers 4.x (from 4.46)
+as with 5.x (`merge_mix.model.save_model`, `merge_mix.tokens.save_tokenizer`), plus ``merge_mix_export.json``
 (pool, merge weights, effective mixture, sha256) and ``mergekit.yaml``, a mergekit
 config that reproduces the same merge with mergekit's ``linear`` method. It is
 written to a temporary sibling directory and renamed into place when complete.
@@ -96,7 +97,7 @@ def export_proxy(pool, merger, weights: np.ndarray, out: Path, force: bool = Fal
 def _write(pool, merger, weights: np.ndarray, model, tmp: Path) -> None:
     from merge_mix.merge import effective_mixture
     from merge_mix.model import save_model, weights_sha256
-    from merge_mix.tokens import load_tokenizer
+    from merge_mix.tokens import load_tokenizer, save_tokenizer
 
     comps = {d: pool.component_dir(d).resolve() for d in pool.domains}
     merged = merger.sha256 or {
@@ -105,7 +106,7 @@ def _write(pool, merger, weights: np.ndarray, model, tmp: Path) -> None:
     # Built first: a keep-base pattern mergekit cannot express fails before any big write.
     kit = mergekit_config(pool.base_dir.resolve(), comps, weights, merger.keep_base)
     save_model(model, tmp)
-    load_tokenizer(pool.tokenizer_dir).save_pretrained(str(tmp))
+    save_tokenizer(load_tokenizer(pool.tokenizer_dir), tmp)
     (tmp / "mergekit.yaml").write_text(kit)
     record = {
         "pool": str(pool.path.resolve()),
@@ -123,6 +124,8 @@ def _write(pool, merger, weights: np.ndarray, model, tmp: Path) -> None:
         "base_sha256": merged["base"],
         "components_sha256": {d: merged[d] for d in pool.domains},
         "sha256": weights_sha256(tmp),
+        # What a stock `lm_eval --model hf` run needs to score like merge-mix (one BOS).
+        "lm_eval_model_args": f"add_bos_token=False,prefix_token_id={pool.bos_id}",
         "versions": library_versions(),
     }
     write_json_atomic(tmp / "merge_mix_export.json", record)

@@ -5,9 +5,11 @@ Tasks (`make_tasks`, ``merge-mix make-tasks POOL --out eval_tasks``) are written
 ``<out>/<pool>/`` from the pool's HELD-OUT shards, never its training data:
 
 - ``mm_<pool>_<domain>_ppl`` (``loglikelihood_rolling``; word_perplexity, byte_perplexity,
-  bits_per_byte): one document per held-out piece, in index order, the exact text the
-  piece was tokenized from. Its first ``k`` documents are the pieces `merge_mix.evaluate`
-  scores for a token budget, so ``--limit k`` gives lm-eval's bits_per_byte for our ``bpb``.
+  bits_per_byte): one document per held-out piece, in index order, the original text the
+  piece was tokenized from (kept in ``data/<domain>/<split>.jsonl``, not decoded from
+  tokens, which loses text for tokenizers with an unknown token or a Metaspace prefix).
+  Its first ``k`` documents are the pieces `merge_mix.evaluate` scores for a token budget,
+  so ``--limit k`` gives lm-eval's bits_per_byte for our ``bpb``.
 - ``mm_<pool>_<domain>_choice`` (``multiple_choice``; acc, acc_norm): which of ``n_choices``
   continuations follows a held-out passage. Items come in groups of ``n_choices`` passages
   from distinct documents of the domain that share one list of their true continuations,
@@ -19,6 +21,14 @@ Each task is a YAML next to a JSONL file under ``data/``, loaded with ``dataset_
 and absolute ``data_files`` (the tasks run from any working directory; the datasets cache
 goes to ``.hf_cache/`` beside them). The files are staged under a name lm-eval does not
 read and renamed into place; ``tasks.json``, written last, marks the directory complete.
+
+BOS: lm-eval's ``HFLM`` is built with ``add_bos_token=False`` and
+``prefix_token_id=<the pool's BOS>`` (`hflm_bos_args`), so texts are encoded without the
+tokenizer's own special tokens and a rolling document is scored as ``BOS t_0 ... t_n``,
+exactly as the pool's shards hold it and `merge_mix.evaluate` scores it, whether or not the
+tokenizer adds BOS itself (left to lm-eval's default, a tokenizer that adds BOS would give
+``BOS BOS t_0 ...``). Multiple-choice contexts are encoded without BOS. A stock
+``--model hf`` run on an export reproduces our numbers with the same two arguments.
 
 Scoring (`evaluate_tasks`) wraps the caller's model object in lm-eval's ``HFLM`` without
 copying, moving or recasting it, and never puts lm-eval's response cache in front of it:
@@ -55,7 +65,8 @@ from merge_mix.artifacts import file_lock, library_versions, read_json, write_js
 from merge_mix.errors import MergeMixError
 
 FORMAT = "merge-mix-lmeval-tasks"
-FORMAT_VERSION = 1
+# 2: perplexity documents are the stored original text of each piece.
+FORMAT_VERSION = 2
 TASKS_MANIFEST = "tasks.json"
 MODEL_TYPE = "merge-mix"
 # Multiple-choice passages: this much context (or the pool's seq_len minus the continuation).
@@ -100,18 +111,47 @@ def _decode(tokenizer, ids: np.ndarray) -> str:
     )
 
 
-def _ppl_rows(tokenizer, shard, max_docs: int) -> tuple[list[dict], int]:
-    """The first `max_docs` non-empty held-out pieces (the evaluator's order) and how many
-    of them do not decode to exactly their recorded byte count."""
+def hflm_bos_args(tokenizer) -> dict[str, Any]:
+    """The ``HFLM`` arguments that make lm-eval put exactly the pool's BOS (the tokenizer's
+    BOS, else its EOS) before a scored text and encode texts without special tokens, as the
+    pool's shards do for every kind of tokenizer."""
+    from merge_mix.tokens import special_ids
+
+    return {"add_bos_token": False, "prefix_token_id": special_ids(tokenizer)[0]}
+
+
+def _piece_texts(path: Path, count: int) -> Iterator[str]:
+    """The original text of a held-out split's pieces, in index order, from its jsonl."""
+    if not path.is_file():
+        raise MergeMixError(f"{path}: held-out text missing (pool incomplete?)")
+    n = 0
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            n += 1
+            yield json.loads(line)["text"]
+    if n != count:
+        raise MergeMixError(f"{path}: {n} pieces, but the shard's index has {count}")
+
+
+def _ppl_rows(tokenizer, shard, texts_path: Path, max_docs: int) -> tuple[list[dict], int]:
+    """The first `max_docs` non-empty held-out pieces (the evaluator's order) with their
+    original text, and how many of them the tokens do not decode back to (informational:
+    a tokenizer with an unknown token or a Metaspace prefix loses text when decoding)."""
     rows, inexact = [], 0
-    for i in range(len(shard.index)):
+    texts = _piece_texts(texts_path, len(shard.index))
+    for i, text in enumerate(texts):
         if len(rows) >= max_docs:
+            texts.close()
             break
         n_tokens, n_bytes = int(shard.index[i, 1]), int(shard.index[i, 2])
         if n_tokens == 0:  # the evaluator skips empty pieces too
             continue
-        text = _decode(tokenizer, shard.piece(i))
-        inexact += len(text.encode("utf-8")) != n_bytes
+        if len(text.encode("utf-8")) != n_bytes:
+            raise MergeMixError(
+                f"{texts_path}: piece {i} has {len(text.encode('utf-8'))} bytes, the index"
+                f" {n_bytes}"
+            )
+        inexact += _decode(tokenizer, shard.piece(i)) != text
         rows.append({"text": text, "piece": i, "n_tokens": n_tokens, "n_bytes": n_bytes})
     return rows, inexact
 
@@ -157,10 +197,12 @@ def _choice_rows(
         for i, s in group:
             toks = pieces[i]
             contexts.append(_decode(tokenizer, toks[s : s + context_tokens]))
-            golds.append(_decode(tokenizer, toks[s + context_tokens : s + span]))
-            # A cut inside a multi-byte character garbles both halves.
-            if contexts[-1] + golds[-1] != _decode(tokenizer, toks[s : s + span]):
-                golds[-1] = "\ufffd"
+            whole = _decode(tokenizer, toks[s : s + span])
+            # The continuation is the rest of the passage's text (decoding it alone would
+            # drop a Metaspace word boundary); a cut inside a multi-byte character garbles
+            # the context, so the passage is skipped.
+            ok = whole.startswith(contexts[-1]) and len(whole) > len(contexts[-1])
+            golds.append(whole[len(contexts[-1]) :] if ok else "\ufffd")
         if len(set(golds)) < n_choices or any("\ufffd" in g for g in golds):
             continue
         order = [int(j) for j in rng.permutation(n_choices)]
@@ -325,7 +367,9 @@ def make_tasks(
             record: dict[str, Any] = {}
             for d in pool.domains:
                 shard = Shard.open(pool.data_dir / d, split)
-                ppl, inexact = _ppl_rows(tokenizer, shard, max_docs_per_domain)
+                ppl, inexact = _ppl_rows(
+                    tokenizer, shard, pool.data_dir / d / f"{split}.jsonl", max_docs_per_domain
+                )
                 if not ppl:
                     raise MergeMixError(f"domain {d!r}: no non-empty held-out piece")
                 mc = _choice_rows(
@@ -417,31 +461,95 @@ def _quiet(logger_name: str = "lm_eval") -> Iterator[None]:
         logger.setLevel(level)
 
 
+_NETWORK = {"allowed": False}
+_OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+
+
+def allow_network(allowed: bool = True) -> None:
+    """Let lm-eval tasks download their datasets for the rest of this process (the CLI's
+    ``--allow-network``). Off by default: tasks read local files and the datasets cache
+    only (``HF_DATASETS_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` while tasks load)."""
+    _NETWORK["allowed"] = bool(allowed)
+
+
+@contextlib.contextmanager
+def _network(allowed: bool) -> Iterator[None]:
+    """Offline (or, when `allowed`, online) Hugging Face datasets and hub while inside:
+    the environment variables and the flags the libraries read them into at import."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved_env = {k: os.environ.get(k) for k in _OFFLINE_VARIABLES}
+    flags = [(datasets.config, n) for n in _OFFLINE_VARIABLES if hasattr(datasets.config, n)]
+    flags.append((huggingface_hub.constants, "HF_HUB_OFFLINE"))
+    saved_flags = [(mod, n, getattr(mod, n)) for mod, n in flags]
+    for k in _OFFLINE_VARIABLES:
+        if allowed:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = "1"
+    for mod, n in flags:
+        setattr(mod, n, not allowed)
+    try:
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for mod, n, v in saved_flags:
+            setattr(mod, n, v)
+
+
 def _load_tasks(tasks: Sequence[str], include_path) -> dict:
-    """lm-eval's loaded task dict for `tasks`, built once per task set and task files."""
+    """lm-eval's loaded task dict for `tasks`, built once per task set and task files.
+
+    Tasks are looked up under `include_path` first, then among lm-eval's built-in tasks;
+    datasets load offline (local files and the datasets cache) unless `allow_network`."""
     from lm_eval.tasks import TaskManager
 
     paths = _include_paths(include_path)
-    key = (tuple(map(str, paths)), tuple(tasks), _signature(paths))
+    key = (tuple(map(str, paths)), tuple(tasks), _signature(paths), _NETWORK["allowed"])
     if key not in _TASK_CACHE:
         manager = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
-        known = set(manager.all_tasks)
-        for name in tasks:
-            if name not in known:
-                where = ", ".join(map(str, paths)) or "no include path"
-                raise MergeMixError(
-                    f"lm-eval task {name!r} not found in {where} (lm-eval's built-in tasks are"
-                    " not searched: they need the hub; write ours with `merge-mix make-tasks`)"
-                )
+        builtin = [name for name in tasks if name not in set(manager.all_tasks)]
+        if builtin:
+            # Indexing lm-eval's own task files takes seconds: only when a task needs it.
+            with _quiet():
+                manager = TaskManager(include_path=[str(p) for p in paths], include_defaults=True)
+            for name in builtin:
+                if name not in set(manager.all_tasks):
+                    where = ", ".join(map(str, paths)) or "no include path"
+                    raise MergeMixError(
+                        f"lm-eval task {name!r} not found in {where} nor among lm-eval's"
+                        " built-in tasks (write ours with `merge-mix make-tasks`)"
+                    )
         import datasets
 
         bars = not datasets.are_progress_bars_disabled()
         datasets.disable_progress_bars()
         try:
-            with _quiet():
+            with _quiet(), _network(_NETWORK["allowed"]):
                 loaded = manager.load(list(tasks))
         except ValueError as exc:  # e.g. a group and one of its members both named
             raise MergeMixError(f"lm-eval tasks {','.join(tasks)}: {exc}") from None
+        except Exception as exc:
+            if not builtin:
+                raise
+            # A built-in task whose dataset is neither cached nor reachable.
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            hint = (
+                "it is not in the local datasets cache (network is off); run once with"
+                " --allow-network to download it, or vendor it as a local task"
+                " (docs/evaluation.md)"
+                if not _NETWORK["allowed"]
+                else "its download failed"
+            )
+            raise MergeMixError(
+                f"lm-eval task(s) {', '.join(builtin)}: dataset not available: {hint}"
+                f" ({type(exc).__name__}: {first})"
+            ) from None
         finally:
             if bars:
                 datasets.enable_progress_bars()
@@ -571,7 +679,11 @@ def evaluate_tasks(
             raise MergeMixError(f"device: the model is on {where}, not {device}")
     with _quiet(), _no_request_progress_bars():
         lm = _hflm_class()(
-            pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size
+            pretrained=model,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            batch_size=batch_size,
+            **hflm_bos_args(tokenizer),
         )
         # lm-eval's `evaluate`, which `simple_evaluate` calls after building the model and
         # tasks: the rest of simple_evaluate re-seeds the global generators and collects
@@ -668,13 +780,14 @@ def register_model_type() -> type:
             mix = effective_mixture(w, opened.general_share, opened.general_mixture())
             self.effective_mixture = dict(zip(opened.domains, map(float, mix), strict=True))
             model = self.merger.merge(w)
+            tokenizer = load_tokenizer(opened.tokenizer_dir)
             with _quiet():
                 super().__init__(
                     pretrained=model,
-                    tokenizer=load_tokenizer(opened.tokenizer_dir),
+                    tokenizer=tokenizer,
                     batch_size=batch_size,
                     max_length=int(max_length) if max_length else opened.seq_len,
-                    **kwargs,
+                    **{**hflm_bos_args(tokenizer), **kwargs},
                 )
 
         @classmethod
@@ -755,7 +868,8 @@ def run_lm_eval_cli(argv: Sequence[str]) -> int:
             --model_args pool=pools/demo,weights=code:0.5,prose:0.5 \\
             --tasks mm_demo_code_ppl,mm_demo_code_choice --include_path eval_tasks
 
-    Only local tasks can run offline (lm-eval's built-in tasks fetch from the hub)."""
+    lm-eval's built-in tasks read their datasets from the datasets cache or the hub, as
+    lm-eval's own CLI does (this wrapper does not turn the network off)."""
     register_model_type()
     from lm_eval.__main__ import cli_evaluate
 

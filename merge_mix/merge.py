@@ -15,9 +15,12 @@ rearranged): coefficients of exactly 0 and 1 then return a component bit for bit
 as one stacked fp32 matrix ``S[name]`` of shape ``(K + 1, numel)`` per tensor: a merge is
 then one matrix-vector product per tensor written straight into the parameter,
 ``param = c @ S`` with ``c = (1 - sum(w), w_1, ..., w_K)``, a single pass over memory
-with no file written per mixture. With ``stream=True`` nothing but the merged model is resident and each merge
-reads the tensors from the components' safetensors files one at a time, for pools
-whose components do not fit in memory together.
+with no file written per mixture. The stack lives on the model's device (the GPU when
+the scorer runs there) and is stored in fp32 or, with ``stack_dtype="bf16"``, in bf16
+(half the memory; the merge still accumulates in fp32, see docs/merging.md for the error).
+With ``stream=True`` nothing but the merged model is resident and each merge opens every
+weight file once and reads every tensor once (which file holds which tensor is read from
+the headers once, at start), for pools whose components do not fit in memory together.
 
 Merge weights vs data mixture: a component trained on ``s * g + (1 - s) * e_i``
 (``s`` = general_share, ``g`` = the general mix, ``e_i`` its domain) stands for that
@@ -27,6 +30,7 @@ data, so weights ``w`` stand for the effective data mixture
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -36,6 +40,10 @@ import numpy as np
 import torch
 
 from merge_mix.errors import MergeMixError
+
+STACK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Storage dtypes of the resident stack (`Merger(stack_dtype=...)`, ``--stack-dtype``);
+merges accumulate in fp32 either way."""
 
 # Config keys that differ between identical architectures saved by different runs.
 _CONFIG_IGNORE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
@@ -185,14 +193,20 @@ class Merger:
         device: torch.device | str = "cpu",
         keep_base: tuple[str, ...] = (),
         stream: bool = False,
+        stack_dtype: str = "fp32",
     ):
         from safetensors import safe_open
 
         from merge_mix.model import load_model
 
+        if stack_dtype not in STACK_DTYPES:
+            raise MergeMixError(
+                f"stack_dtype: must be one of {', '.join(STACK_DTYPES)}, not {stack_dtype!r}"
+            )
         self.domains = list(component_dirs)
         self.device = torch.device(device)
         self.stream = stream
+        self.stack_dtype = stack_dtype
         self.keep_base = tuple(keep_base)
         base_cfg = _config_of(base_dir)
         for d, path in component_dirs.items():
@@ -211,6 +225,8 @@ class Merger:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.params = dict(self.model.named_parameters())
+        # Where each parameter is in the files (transformers 5 renames some on load).
+        self.file_keys = checkpoint_keys(self.model, self.params)
         self._files = {"base": _tensor_files(base_dir)}
         for d, path in component_dirs.items():
             self._files[d] = _tensor_files(path)
@@ -219,26 +235,35 @@ class Merger:
             n for n in self.params if not any(fnmatch.fnmatch(n, pat) for pat in self.keep_base)
         ]
         self.stacks: dict[str, torch.Tensor] = {}
+        """Per merged tensor, the ``(K + 1, numel)`` stack (base first), on the model's
+        device (the GPU when the scorer runs there), in `stack_dtype`."""
         if not stream:
-            for name in self.merged_names:
-                rows = [self.params[name].detach().to(torch.float32).reshape(-1)]
-                rows += [
-                    self._read(d, name).to(self.device, torch.float32).reshape(-1)
-                    for d in self.domains
-                ]
-                self.stacks[name] = torch.stack(rows)
+            dtype = STACK_DTYPES[stack_dtype]
+            with self._open_files() as handles:
+                for name in self.merged_names:
+                    rows = [self.params[name].detach().to(dtype).reshape(-1)]
+                    rows += [
+                        self._get(handles, d, name).to(self.device, dtype).reshape(-1)
+                        for d in self.domains
+                    ]
+                    self.stacks[name] = torch.stack(rows)
         self.weights: np.ndarray | None = None
         self.sha256: dict[str, str] | None = None
         """Verified sha256 of the base's and each component's weights (`merger_for_pool`)."""
 
     def _check_tensors(self, safe_open) -> None:
-        expected = {n: tuple(p.shape) for n, p in self.params.items()}
+        expected = {self.file_keys[n]: tuple(p.shape) for n, p in self.params.items()}
+        # Which file holds each tensor, read once from the files' headers: merges then
+        # open every file once and read every tensor once (`_open_files`, `_get`).
+        self._location: dict[str, dict[str, Path]] = {}
         for who, files in self._files.items():
             found: dict[str, tuple[int, ...]] = {}
+            where = self._location[who] = {}
             for f in files:
                 with safe_open(str(f), framework="pt") as fh:
                     for key in fh.keys():
                         found[key] = tuple(fh.get_slice(key).get_shape())
+                        where.setdefault(key, f)
             label = "base" if who == "base" else f"component {who!r}"
             for n, shape in expected.items():
                 if n not in found:
@@ -251,14 +276,23 @@ class Merger:
             if extra:
                 raise MergeMixError(f"{label}: unexpected tensor {extra[0]}")
 
-    def _read(self, who: str, name: str) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _open_files(self):
+        """Every weight file of the base and the components, each opened once, as
+        ``{who: {path: handle}}``."""
         from safetensors import safe_open
 
-        for f in self._files[who]:
-            with safe_open(str(f), framework="pt") as fh:
-                if name in fh.keys():
-                    return fh.get_tensor(name)
-        raise MergeMixError(f"{who}: tensor {name} is missing")
+        with contextlib.ExitStack() as stack:
+            yield {
+                who: {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+                for who, files in self._files.items()
+            }
+
+    def _get(self, handles: dict, who: str, name: str) -> torch.Tensor:
+        """Parameter `name` of `who` as stored (its dtype, on the CPU), from the open file
+        that holds it."""
+        key = self.file_keys[name]
+        return handles[who][self._location[who][key]].get_tensor(key)
 
     @torch.no_grad()
     def merge(self, weights: np.ndarray | torch.Tensor) -> torch.nn.Module:
@@ -273,11 +307,7 @@ class Merger:
         else:
             coef = self.coefficients(w).unsqueeze(0)
             for name in self.merged_names:
-                p = self.params[name]
-                if p.dtype == torch.float32 and p.is_contiguous():
-                    torch.mm(coef, self.stacks[name], out=p.view(1, -1))
-                else:
-                    p.copy_((coef @ self.stacks[name]).view_as(p))
+                combine(coef, self.stacks[name], self.params[name])
         self.weights = np.asarray(weights, dtype=np.float64)
         return self.model
 
@@ -287,29 +317,39 @@ class Merger:
         return torch.cat([(1 - w.sum()).reshape(1), w])
 
     def _merge_streaming(self, w: torch.Tensor) -> None:
-        from safetensors import safe_open
-
-        handles = {
-            who: [safe_open(str(f), framework="pt") for f in files]
-            for who, files in self._files.items()
-        }
-
-        def get(who: str, name: str) -> torch.Tensor:
-            for fh in handles[who]:
-                if name in fh.keys():
-                    return fh.get_tensor(name).to(self.device, torch.float32)
-            raise MergeMixError(f"{who}: tensor {name} is missing")
-
-        coef = self.coefficients(w).tolist()
-        for name in self.merged_names:
-            acc = get("base", name).mul_(coef[0])
-            for c, d in zip(coef[1:], self.domains, strict=True):
-                acc.add_(get(d, name), alpha=c)
-            self.params[name].copy_(acc)
+        # Each file opened once and each tensor read once per merge; one tensor's rows are
+        # stacked at a time and combined exactly as the resident stack is (bit for bit).
+        coef = self.coefficients(w).unsqueeze(0)
+        with self._open_files() as handles:
+            for name in self.merged_names:
+                rows = [
+                    self._get(handles, who, name).to(self.device, torch.float32).reshape(-1)
+                    for who in ("base", *self.domains)
+                ]
+                combine(coef, torch.stack(rows), self.params[name])
 
     def state_dict_fp32(self) -> dict[str, torch.Tensor]:
         """The merged parameters as a plain dict (for export and comparisons)."""
         return {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.params.items()}
+
+
+# Columns combined at a time from a bf16 stack: bounds the fp32 copy of one tensor's rows.
+_BF16_CHUNK = 1 << 22
+
+
+def combine(coef: torch.Tensor, stack: torch.Tensor, param: torch.Tensor) -> None:
+    """``param = coef @ stack`` accumulated in fp32 (``coef`` is ``(1, K + 1)`` fp32)."""
+    if stack.dtype != torch.float32:
+        # A bf16 stack is widened per chunk of columns: fp32 arithmetic, bounded memory.
+        out = torch.empty(1, stack.shape[1], dtype=torch.float32, device=stack.device)
+        for lo in range(0, stack.shape[1], _BF16_CHUNK):
+            hi = lo + _BF16_CHUNK
+            torch.mm(coef, stack[:, lo:hi].to(torch.float32), out=out[:, lo:hi])
+        param.copy_(out.view_as(param))
+    elif param.dtype == torch.float32 and param.is_contiguous():
+        torch.mm(coef, stack, out=param.view(1, -1))
+    else:
+        param.copy_((coef @ stack).view_as(param))
 
 
 def _tensor_files(path: Path) -> list[Path]:
@@ -321,8 +361,22 @@ def _tensor_files(path: Path) -> list[Path]:
 
 def _tied_aliases(model) -> set[str]:
     """Names a tied model's files may hold that named_parameters() reports only once."""
-    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    return names - {n for n, _ in model.named_parameters()}
+    every = dict(model.named_parameters(remove_duplicate=False))
+    keys = checkpoint_keys(model, every)
+    return {keys[n] for n in every} - {keys[n] for n, _ in model.named_parameters()}
+
+
+def checkpoint_keys(model, params: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The key each of `params` (name -> parameter of `model`) has in the model's
+    safetensors files. transformers 5 renames some parameters on load and back on save
+    (GPT-NeoX's ``embed_out`` is ``lm_head`` in memory); 4.x names them alike."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x
+        return {n: n for n in params}
+    reverted = revert_weight_conversion(model, dict(params))
+    by_object = {id(t): k for k, t in reverted.items()}
+    return {n: by_object.get(id(t), n) for n, t in params.items()}
 
 
 def merger_for_pool(
@@ -331,6 +385,7 @@ def merger_for_pool(
     keep_base: tuple[str, ...] = (),
     stream: bool = False,
     verify: str = "cached",
+    stack_dtype: str = "fp32",
 ):
     """A `Merger` over all of a pool's finished components, after checking the base's and
     every component's weights against their recorded sha256 (`Pool.verify`; `verify` is
@@ -342,6 +397,7 @@ def merger_for_pool(
         device=device,
         keep_base=keep_base,
         stream=stream,
+        stack_dtype=stack_dtype,
     )
     merger.sha256 = hashes
     return merger

@@ -22,7 +22,10 @@ Objectives come from a preset string or a YAML file, for example::
 
 Presets: `mean_loss` (mean held-out loss over domains), `worst_loss` (the largest held-out
 loss), `target:<domain>` or `target:<domain>:<tolerance>` (minimise that domain's held-out loss
-while every other domain's stays within the tolerance, default 2%, of the uniform mixture's).
+while every other domain's stays within the tolerance, default 2%, of the uniform mixture's),
+`target-set:<name>` (minimise the loss on the pool's target set `<name>`, evaluation-only
+data: the term ``{source: target, metric: loss, name: <name>}``, metric
+``target/<name>/loss``).
 """
 
 from __future__ import annotations
@@ -37,12 +40,12 @@ import numpy as np
 
 from merge_mix.errors import MergeMixError
 
-SOURCES = ("heldout", "lmeval", "calibrated")
+SOURCES = ("heldout", "target", "lmeval", "calibrated")
 HELDOUT_METRICS = ("loss", "ppl", "bpb")
 DIRECTIONS = ("minimize", "maximize")
 REDUCTIONS = ("mean", "max", "min")
 BASELINES = ("uniform", "natural")
-PRESETS = ("mean_loss", "worst_loss", "target:<domain>")
+PRESETS = ("mean_loss", "worst_loss", "target:<domain>", "target-set:<name>")
 DEFAULT_TOLERANCE = 0.02
 DEFAULT_PENALTY = 100.0
 
@@ -56,9 +59,10 @@ def _check_source_metric(where: str, source: str, metric: str) -> None:
         raise MergeMixError(f"{where}.source: {source!r} is not one of {', '.join(SOURCES)}")
     if source == "calibrated" and metric != "loss":
         raise MergeMixError(f"{where}.metric: calibrated metrics are losses only ('loss')")
-    if source == "heldout" and metric not in HELDOUT_METRICS:
+    if source in ("heldout", "target") and metric not in HELDOUT_METRICS:
         raise MergeMixError(
-            f"{where}.metric: unknown held-out metric {metric!r} "
+            f"{where}.metric: unknown {'held-out' if source == 'heldout' else source}"
+            f" metric {metric!r} "
             f"(expected one of {', '.join(HELDOUT_METRICS)})"
         )
     if not isinstance(metric, str) or not metric or "/" in metric:
@@ -92,7 +96,8 @@ class Term:
     """One weighted metric term of the objective."""
 
     source: str
-    """Where the metric comes from: "heldout" (our per-domain evaluator) or "lmeval"."""
+    """Where the metric comes from: "heldout" (our per-domain evaluator), "target" (the
+    same evaluator on a target set), "lmeval" or "calibrated"."""
     metric: str
     """Metric name: "loss", "ppl" or "bpb" for heldout; an lm-eval metric such as "acc"."""
     name: str = "*"
@@ -208,8 +213,9 @@ class Objective:
         if not isinstance(self.penalty, (int, float)) or not self.penalty >= 0:
             raise MergeMixError(f"objective.penalty: {self.penalty!r} is not a number >= 0")
 
-    def check_domains(self, domains: Sequence[str]) -> None:
-        """Raise `MergeMixError` if a held-out term or constraint names a domain not in the pool."""
+    def check_domains(self, domains: Sequence[str], targets: Sequence[str] | None = None) -> None:
+        """Raise `MergeMixError` if a held-out term or constraint names a domain not in the
+        pool, or (given the pool's `targets`) a target term names a target set it lacks."""
         for item in (*self.terms, *self.constraints):
             names = [item.name] + list(getattr(item, "exclude", ()))
             for name in names:
@@ -217,6 +223,16 @@ class Objective:
                     raise MergeMixError(
                         f"objective: domain {name!r} is not in the pool "
                         f"(domains: {', '.join(domains)})"
+                    )
+                if (
+                    item.source == "target"
+                    and targets is not None
+                    and name != "*"
+                    and name not in targets
+                ):
+                    raise MergeMixError(
+                        f"objective: target set {name!r} is not in the pool (target sets:"
+                        f" {', '.join(targets) or 'none; add one with merge-mix pool add-target'})"
                     )
 
     def check_lmeval_metrics(self, available: Sequence[str]) -> None:
@@ -421,6 +437,15 @@ def preset(spec: str, calibrated: bool = False) -> Objective:
             constraints=(Constraint(source, "loss", "*", exclude, tolerance),),
             name=f"{spec}@cal" if calibrated else spec,
         )
+    if spec.startswith("target-set:"):
+        name = spec.partition(":")[2]
+        if not name or "/" in name:
+            raise MergeMixError(f"objective: {spec!r} should read target-set:<name>")
+        if calibrated:
+            raise MergeMixError(
+                f"objective: {spec!r}: calibrated losses cover the domains, not target sets"
+            )
+        return Objective(terms=(Term("target", "loss", name),), name=spec)
     raise MergeMixError(
         f"objective: unknown preset {spec!r} (expected {', '.join(PRESETS)}, or a YAML file)"
     )
@@ -430,11 +455,13 @@ def load_objective(
     spec: str | Path | Mapping[str, Any],
     domains: Sequence[str] | None = None,
     calibrated: bool = False,
+    targets: Sequence[str] | None = None,
 ) -> Objective:
     """Load an objective from a preset string, a YAML file path, or a parsed mapping.
 
-    With `domains`, also check that every named held-out domain is in the pool. With
-    `calibrated`, presets read calibrated losses (files say their own sources).
+    With `domains`, also check that every named held-out domain is in the pool (and with
+    `targets`, every named target set). With `calibrated`, presets read calibrated losses
+    (files say their own sources).
     """
     if isinstance(spec, Mapping):
         objective = objective_from_dict(spec)
@@ -451,5 +478,5 @@ def load_objective(
     else:
         objective = preset(str(spec), calibrated)
     if domains is not None:
-        objective.check_domains(domains)
+        objective.check_domains(domains, targets)
     return objective

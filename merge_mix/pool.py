@@ -46,7 +46,16 @@ VERIFY_MODES = ("cached", "full")
 # Sections that, once built, a spec may not change for the same pool directory.
 FROZEN_SECTIONS = ("seed", "general_share", "general_mix", "data", "tokenizer", "model", "training")
 # Settings of how a run executes, not of what it trains: free to differ between machines.
-RUNTIME_FIELDS = {"training": ("device", "eval_every", "eval_tokens", "checkpoint_every")}
+RUNTIME_FIELDS = {
+    "training": (
+        "device",
+        "eval_every",
+        "eval_tokens",
+        "checkpoint_every",
+        "parallel",
+        "activation_checkpointing",
+    )
+}
 
 
 def _log(msg: str) -> None:
@@ -119,6 +128,11 @@ class Pool:
     def domains(self) -> list[str]:
         """Domains that have a finished component, in spec order."""
         return list(self.manifest["components"])
+
+    @property
+    def targets(self) -> list[str]:
+        """The pool's target sets (evaluation-only data, `merge_mix.targets`)."""
+        return list(self.manifest.get("targets", {}))
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -256,12 +270,18 @@ def resolve_inside(root: Path, rel: str | Path, where: str) -> Path:
 # Building a pool
 
 
-def _component_mixture(
+def component_mixture(
     domain: str, general: dict[str, float], general_share: float
 ) -> dict[str, float]:
+    """The data mixture the component of `domain` trains on: ``general_share`` of the
+    general mix plus the rest on its own domain (what `merge-mix plan` hands out and
+    `merge-mix pool import` checks a declared mixture against)."""
     mix = {d: general_share * p for d, p in general.items()}
     mix[domain] = mix.get(domain, 0.0) + (1.0 - general_share)
     return {d: p for d, p in mix.items() if p > 0}
+
+
+_component_mixture = component_mixture
 
 
 def _general_mixture(spec: PoolSpec, data: dict, domains: list[str]) -> dict[str, float]:
@@ -274,7 +294,8 @@ def _general_mixture(spec: PoolSpec, data: dict, domains: list[str]) -> dict[str
 
 def _sources_hash(spec: PoolSpec, domain: str) -> str:
     d = next(x for x in spec.domains if x.name == domain)
-    blob = json.dumps(dataclasses.asdict(d), sort_keys=True) + json.dumps(
+    fields = {**dataclasses.asdict(d), "sources": [s.identity() for s in d.sources]}
+    blob = json.dumps(fields, sort_keys=True) + json.dumps(
         dataclasses.asdict(spec.data), sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -385,7 +406,14 @@ def _prepare_data(spec: PoolSpec, pool_dir: Path) -> dict:
         load_digests,
         union,
     )
-    from merge_mix.tokens import load_tokenizer, token_dtype, train_tokenizer, write_shard
+    from merge_mix.targets import prepare_targets, target_texts
+    from merge_mix.tokens import (
+        load_tokenizer,
+        save_tokenizer,
+        token_dtype,
+        train_tokenizer,
+        write_shard,
+    )
 
     data_dir = pool_dir / "data"
     data_path = data_dir / "data.json"
@@ -394,7 +422,7 @@ def _prepare_data(spec: PoolSpec, pool_dir: Path) -> dict:
         raise MergeMixError(old_format_message(pool_dir, data.get("format_version", 1)))
     todo = [d for d in spec.domains if d.name not in data["domains"]]
     if not todo:
-        return data
+        return prepare_targets(spec, pool_dir, data)
     where = {d.name: f"{spec.spec_path}: domains.{d.name}" for d in todo}
     docs, stats = {}, {}
     for d in todo:
@@ -416,6 +444,8 @@ def _prepare_data(spec: PoolSpec, pool_dir: Path) -> dict:
         for split in HELDOUT_SPLITS
         for line in (data_dir / d / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
     ]
+    # Target sets are held-out text too: new training pieces must not cover them either.
+    earlier_heldout += target_texts(data_dir, data)
     shingles, removed = decontaminate(
         corpora,
         spec.data.near_duplicate_threshold,
@@ -439,7 +469,7 @@ def _prepare_data(spec: PoolSpec, pool_dir: Path) -> dict:
             )
         tmp = pool_dir / "tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
         shutil.rmtree(tok_dir, ignore_errors=True)
         tmp.rename(tok_dir)
     tokenizer = load_tokenizer(tok_dir)
@@ -457,7 +487,7 @@ def _prepare_data(spec: PoolSpec, pool_dir: Path) -> dict:
         (out / DIGESTS).write_text("".join(f"{h}\n" for h in corpus.digests))
         data["domains"][name] = entry
     write_json_atomic(data_path, data)
-    return data
+    return prepare_targets(spec, pool_dir, data)
 
 
 def _check_budgets(spec: PoolSpec, data: dict, general: dict[str, float], base_needed: bool):
@@ -644,10 +674,64 @@ def _verified(record_path: Path, model_dir: Path) -> bool:
         ok = weights_sha256(model_dir) == record.get("sha256")
     except MergeMixError:
         ok = False
+    if not ok and record.get("imported"):
+        # Trained elsewhere: retraining here would silently replace it by another recipe.
+        raise MergeMixError(
+            f"{model_dir}: imported component's weights do not match their recorded sha256;"
+            f" import it again with `merge-mix pool import --replace`"
+            f" (from {record.get('provenance', {}).get('source', '?')})"
+        )
     if not ok:
         _log(f"warning: {model_dir}: weights do not match their recorded sha256; retraining")
         record_path.unlink()
     return ok
+
+
+def recorded_spec(pool_dir: Path) -> PoolSpec:
+    """The spec a pool was last built with, rebuilt from its manifest (``output_dir`` is
+    `pool_dir`, wherever the pool was built or copied): what `write_manifest` needs when a
+    pool changes without a spec file at hand (`merge-mix pool import`)."""
+    from merge_mix.config import (
+        DataSpec,
+        DomainSpec,
+        ModelSpec,
+        SourceSpec,
+        TokenizerSpec,
+        TrainingSpec,
+    )
+
+    raw = read_json(Path(pool_dir) / MANIFEST)["spec"]
+
+    def section(cls, values):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def domain_specs(entries) -> tuple[DomainSpec, ...]:
+        return tuple(
+            DomainSpec(
+                name=d["name"],
+                sources=tuple(section(SourceSpec, s) for s in d["sources"]),
+                max_bytes=d.get("max_bytes"),
+            )
+            for d in entries
+        )
+
+    domains = domain_specs(raw["domains"])
+    return PoolSpec(
+        name=raw["name"],
+        domains=domains,
+        output_dir=Path(pool_dir),
+        spec_path=Path(raw["spec_path"]),
+        seed=raw["seed"],
+        general_share=raw["general_share"],
+        general_mix=raw["general_mix"],
+        max_epochs=raw["max_epochs"],
+        data=section(DataSpec, raw["data"]),
+        tokenizer=section(TokenizerSpec, raw["tokenizer"]),
+        model=section(ModelSpec, raw["model"]),
+        training=section(TrainingSpec, raw["training"]),
+        targets=domain_specs(raw.get("targets", [])),
+    )
 
 
 def write_manifest(spec: PoolSpec, pool_dir: Path) -> dict:
@@ -682,6 +766,7 @@ def write_manifest(spec: PoolSpec, pool_dir: Path) -> dict:
                 "parameters": base["parameters"],
             },
             "data": {d: data["domains"][d] for d in data["domains"]},
+            "targets": data.get("targets", {}),
             "base": {k: v for k, v in base.items() if k != "history"},
             "components": {
                 d: {k: v for k, v in c.items() if k != "history"} for d, c in components.items()
@@ -859,6 +944,11 @@ def format_pool_table(pool_dir: Path) -> str:
             cells.append(f"{v:>11.4f}{mark}" if v is not None else f"{'-':>11} ")
         lines.append(f"{name:<14}" + "".join(cells))
     lines.append("* component beats the base on its own domain")
+    imported = [d for d, c in m["components"].items() if c.get("imported")]
+    if imported:
+        lines.append(
+            f"imported (trained elsewhere, `merge-mix pool import`): {', '.join(imported)}"
+        )
     if problems:
         lines.append("")
         lines += [f"DAMAGED {who}: {msg}" for who, msg in problems.items()]

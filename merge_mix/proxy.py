@@ -8,7 +8,9 @@ engine's scorer protocol.
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,8 @@ from merge_mix.evaluate import HeldoutSet
 from merge_mix.merge import effective_mixture, merger_for_pool, resolve_weights
 from merge_mix.model import pick_device
 from merge_mix.pool import Pool
+
+GIB = 1024**3
 
 DEFAULT_HELDOUT_TOKENS = None
 """The default scoring budget: every piece of the split (a cap is the user's choice)."""
@@ -42,11 +46,13 @@ class ProxyScorer:
         keep_base: tuple[str, ...] = (),
         stream: bool = False,
         batch_size: int = 16,
+        stack_dtype: str = "fp32",
         lmeval_tasks: list[str] | None = None,
         lmeval_include: Path | None = None,
         lmeval_limit: int | None = None,
         calibration=None,
         verify: str = "cached",
+        notice=None,
     ):
         self.pool = pool if isinstance(pool, Pool) else Pool.open(pool)
         if not self.pool.manifest.get("complete"):
@@ -61,7 +67,19 @@ class ProxyScorer:
         self.precision = precision
         self.batch_size = batch_size
         self.domains = self.pool.domains
-        self.merger = merger_for_pool(self.pool, self.device, keep_base, stream, verify)
+        self.targets = self.pool.targets
+        """Target sets, scored alongside the domains on the same split (``target/<name>``)."""
+        # The memory this scorer needs, checked before anything large is loaded (a one-line
+        # error when it cannot fit), and announced to `notice` before the first scoring, so
+        # that mistakes found before any scoring (weights, caps) stay one-line errors.
+        self.memory = memory_plan(
+            self.pool, self.device, stream, stack_dtype, keep_base, batch_size
+        )
+        self.memory.check()
+        self._notice = notice
+        self.merger = merger_for_pool(
+            self.pool, self.device, keep_base, stream, verify, stack_dtype=stack_dtype
+        )
         if split not in ("search", "test"):
             raise MergeMixError(f"split: must be 'search' or 'test', not {split!r}")
         self.heldout = HeldoutSet.from_pool_data(
@@ -71,6 +89,7 @@ class ProxyScorer:
             self.pool.seq_len,
             heldout_tokens,
             split,
+            self.targets,
         )
         self.heldout_tokens = heldout_tokens
         self.split = split
@@ -131,12 +150,13 @@ class ProxyScorer:
         return metrics
 
     def evaluate(self, model, budget_tokens: int | None = None) -> dict[str, float]:
-        """Held-out metrics, and the lm-eval tasks' if any, of any model on this device
+        """Held-out metrics (target sets' too), and the lm-eval tasks' if any, of any model on this device
         (a merged proxy, or a reference model for validation): the same evaluators, windows
         and settings for both. No calibration. The per-document sums behind the held-out
         metrics are kept in `last_documents` (for paired comparisons)."""
         from merge_mix.evaluate import document_scores, metrics_from_documents
 
+        self._announce()
         self.last_documents = document_scores(
             model, self.heldout, self.device, self.precision, self.batch_size, budget_tokens
         )
@@ -164,7 +184,13 @@ class ProxyScorer:
             return self.heldout
         if self._test is None:
             self._test = HeldoutSet.from_pool_data(
-                self.pool.data_dir, self.domains, self.pool.bos_id, self.pool.seq_len, None, "test"
+                self.pool.data_dir,
+                self.domains,
+                self.pool.bos_id,
+                self.pool.seq_len,
+                None,
+                "test",
+                self.targets,
             )
         return self._test
 
@@ -176,8 +202,15 @@ class ProxyScorer:
         heldout = self.test_set() if split == "test" else self.heldout
         if heldout.split != split:
             raise MergeMixError(f"this scorer reads the {self.split} split, not {split!r}")
+        self._announce()
         model = self.merger.merge(np.asarray(weights, dtype=np.float64))
         return document_scores(model, heldout, self.device, self.precision, self.batch_size)
+
+    def _announce(self) -> None:
+        """Tell `notice` (once) the memory plan: what is resident and the mode."""
+        if self._notice is not None:
+            self._notice(self.memory.describe())
+            self._notice = None
 
     def differentiable_params(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """``theta(w)`` as tensors that carry gradients to `weights` (for
@@ -188,8 +221,174 @@ class ProxyScorer:
         coef = m.coefficients(weights.to(torch.float32))
         params = {}
         for name, p in m.params.items():
-            if name in m.stacks:
+            if name in m.stacks and m.stacks[name].dtype != torch.float32:
+                params[name] = _StackProduct.apply(coef, m.stacks[name]).view_as(p)
+            elif name in m.stacks:
                 params[name] = (coef @ m.stacks[name]).view_as(p)
             else:
                 params[name] = p.detach()
         return params
+
+
+class _StackProduct(torch.autograd.Function):
+    """``coef @ stack`` for a bf16 stack, in fp32 a chunk of columns at a time both ways,
+    keeping only the bf16 stack for the backward pass (no fp32 copy of it)."""
+
+    @staticmethod
+    def forward(ctx, coef, stack):
+        from merge_mix.merge import combine
+
+        ctx.save_for_backward(stack)
+        out = torch.empty(stack.shape[1], dtype=torch.float32, device=stack.device)
+        combine(coef.unsqueeze(0), stack, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (stack,) = ctx.saved_tensors
+        g = torch.zeros(stack.shape[0], dtype=torch.float32, device=stack.device)
+        step = 1 << 22
+        for lo in range(0, stack.shape[1], step):
+            g += stack[:, lo : lo + step].to(torch.float32) @ grad[lo : lo + step]
+        return g, None
+
+
+def stderr_notice(message: str) -> None:
+    """Write one line to stderr (the CLI's `notice` for `ProxyScorer`)."""
+    import click
+
+    click.echo(message, err=True)
+
+
+@dataclass
+class MemoryPlan:
+    """What a scorer will hold in memory (bytes), the mode, and what the device offers.
+
+    - stack: ``(K + 1) x P_merged x bytes(stack dtype)`` resident (4 for fp32, 2 for bf16);
+      streaming: one tensor's ``(K + 1)`` fp32 rows at a time;
+    - model: the resident merged model, ``P x 4`` (fp32 weights);
+    - activations: one evaluation batch of ``T = batch_size x seq_len`` tokens (no graph):
+      about ``T x (4 h + 2 i + heads x seq_len) x 4`` for the widest layer plus the LM head
+      on one chunk of positions, ``min(chunk, T) x V x 8``;
+    - gradient: the gradient search's one batch with its graph, about
+      ``T x layers x (12 h + 3 i + heads x seq_len) x 4`` plus one fp32 copy of the merged
+      parameters and its gradient (``2 x P x 4``).
+    Estimates: allocator overhead, the held-out windows and Python are not counted."""
+
+    mode: str
+    device: str
+    stack: int
+    model: int
+    activations: int
+    gradient: int
+    available: int | None
+    """Free bytes on the device (CUDA: `torch.cuda.mem_get_info`; CPU: MemAvailable of
+    /proc/meminfo, or psutil); None when unknown (MPS, other systems)."""
+
+    @property
+    def needed(self) -> int:
+        """Stack, model and evaluation activations: what scoring needs."""
+        return self.stack + self.model + self.activations
+
+    def describe(self) -> str:
+        """One line for stderr."""
+        free = "unknown" if self.available is None else _size(self.available)
+        return (
+            f"memory: {self.mode} on {self.device}: stack {_size(self.stack)} + model"
+            f" {_size(self.model)} + activations {_size(self.activations)} ="
+            f" {_size(self.needed)} (gradient search adds {_size(self.gradient)});"
+            f" available {free}"
+        )
+
+    def check(self) -> None:
+        """A one-line `MergeMixError` when scoring cannot fit in the available memory."""
+        if self.available is not None and self.needed > self.available:
+            hint = "" if self.mode == "streaming" else "; try --stack-dtype bf16 or --stream"
+            raise MergeMixError(
+                f"memory: {self.mode} needs {_size(self.needed)} on {self.device},"
+                f" only {_size(self.available)} is available{hint}"
+            )
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 1024**2:.1f} MiB"
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on `device`: CUDA's free memory, the CPU's MemAvailable, else None."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def memory_plan(
+    pool: Pool,
+    device: torch.device | str,
+    stream: bool = False,
+    stack_dtype: str = "fp32",
+    keep_base: tuple[str, ...] = (),
+    batch_size: int = 16,
+) -> MemoryPlan:
+    """The memory a `ProxyScorer` over `pool` will need (see `MemoryPlan`), from the base's
+    config and weight-file headers only (nothing is loaded)."""
+    import fnmatch
+    import json
+
+    from safetensors import safe_open
+
+    from merge_mix.evaluate import chunk_positions
+    from merge_mix.merge import STACK_DTYPES
+
+    if stack_dtype not in STACK_DTYPES:
+        raise MergeMixError(
+            f"stack_dtype: must be one of {', '.join(STACK_DTYPES)}, not {stack_dtype!r}"
+        )
+    device = torch.device(device)
+    cfg = json.loads((pool.base_dir / "config.json").read_text())
+    sizes: dict[str, int] = {}
+    for f in sorted(pool.base_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                sizes[key] = math.prod(fh.get_slice(key).get_shape())
+    if cfg.get("tie_word_embeddings"):
+        sizes.pop("lm_head.weight", None)
+    total = sum(sizes.values())
+    merged = [n for n in sizes if not any(fnmatch.fnmatch(n, p) for p in keep_base)]
+    rows = len(pool.domains) + 1
+    if stream:
+        mode = "streaming"
+        stack = rows * max((sizes[n] for n in merged), default=0) * 4
+    else:
+        mode = f"resident {stack_dtype} stack"
+        stack = rows * sum(sizes[n] for n in merged) * STACK_DTYPES[stack_dtype].itemsize
+    h = int(cfg.get("hidden_size", 0))
+    inter = int(cfg.get("intermediate_size", 4 * h))
+    heads = int(cfg.get("num_attention_heads", 1))
+    layers = int(cfg.get("num_hidden_layers", 1))
+    vocab = int(cfg.get("vocab_size", 0))
+    seq_len = int(pool.seq_len)
+    tokens = batch_size * seq_len
+    head = min(chunk_positions(vocab), tokens) * vocab * 8
+    activations = tokens * (4 * h + 2 * inter + heads * seq_len) * 4 + head
+    gradient = tokens * layers * (12 * h + 3 * inter + heads * seq_len) * 4 + head + 2 * total * 4
+    return MemoryPlan(
+        mode=mode,
+        device=str(device),
+        stack=int(stack),
+        model=int(total * 4),
+        activations=int(activations),
+        gradient=int(gradient),
+        available=available_memory(device),
+    )

@@ -59,7 +59,7 @@ def save_png(fig: Any, path: Path) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", bbox_inches="tight")  # long axis labels stay whole
     data = buffer.getvalue()
     write_atomic(path, data)
     return data

@@ -11,6 +11,17 @@ contiguous; bootstrap intervals resample whole documents). The held-out splits a
 their text, ``<split>.jsonl``. Training samples windows from the flat stream; held-out
 scoring reads pieces through the index.
 
+BOS, for every kind of tokenizer: pieces are encoded with ``add_special_tokens=False``,
+so a tokenizer whose post-processor adds BOS (Llama 3, Mistral, Gemma) adds nothing, and
+the pool's BOS is prepended explicitly: the tokenizer's BOS token, or its EOS for one
+without BOS (GPT-2, GPT-NeoX, Qwen2), as `special_ids` says. The evaluator and lm-eval
+(`merge_mix.lmeval`) put exactly that one token before every scored text.
+
+Pool tokenizers are saved by `save_tokenizer` as ``tokenizer.json`` with
+``tokenizer_class: PreTrainedTokenizerFast``, a class transformers 4.x and 5.x both
+have: the family's own class (5.x's ``TokenizersBackend``, or ``LlamaTokenizer``, which
+5.x rebuilds from the vocabulary) would not load in 4.x or would not encode the same.
+
 `MixtureSampler` draws training sequences from several domains in given proportions.
 A batch is a pure function of (seed, step, micro-step), so a resumed run needs no
 sampler state beyond the step counter, and every process of a torchrun job can draw the
@@ -86,6 +97,24 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def save_tokenizer(tokenizer, path: str | Path) -> None:
+    """`save_pretrained` into `path`, loadable alike by transformers 4.x and 5.x: the
+    whole tokenizer in ``tokenizer.json`` and ``tokenizer_class: PreTrainedTokenizerFast``."""
+    path = Path(path)
+    tokenizer.save_pretrained(str(path))
+    if not (path / "tokenizer.json").is_file():
+        raise MergeMixError(
+            f"{path}: the tokenizer ({type(tokenizer).__name__}) saved no tokenizer.json;"
+            " merge-mix needs a fast (tokenizers) tokenizer"
+        )
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # 5.x's name for its tokenizers backend; 4.x would pass it on as an unknown argument.
+    config.pop("backend", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def special_ids(tokenizer) -> tuple[int, int]:
     """(bos, eos) ids; a tokenizer without BOS uses EOS to open documents, as GPT-2 does."""
     eos = tokenizer.eos_token_id
@@ -151,6 +180,8 @@ class Shard:
     @classmethod
     def open(cls, data_dir: Path, split: str) -> Shard:
         meta_path = data_dir.parent / "data.json"
+        if not meta_path.is_file() and data_dir.parent.name == "targets":
+            meta_path = data_dir.parent.parent / "data.json"  # a target set's shard
         dtype = np.dtype("<u2")
         if meta_path.is_file():
             dtype = np.dtype(json.loads(meta_path.read_text())["token_dtype"])

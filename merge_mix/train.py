@@ -1,13 +1,15 @@
 """Training: one plain torch loop for the base, every component and reference models.
 
 AdamW, linear warmup then cosine (or warmup-stable-decay) schedule, gradient
-accumulation, gradient clipping, bf16 autocast on CUDA and fp32 on CPU. The loop saves a
-resumable checkpoint (weights, optimizer state and counters; the sampler needs only the
-step) every `checkpoint_every` steps and on Ctrl-C, so a killed run continues where it
-stopped and ends with the same weights as an uninterrupted one. Checkpoints are
-safetensors + JSON, never pickles.
+accumulation, gradient clipping, bf16 autocast on CUDA and fp32 on CPU, optional
+activation checkpointing. The loop saves a resumable checkpoint (weights,
+`optimizer.state_dict()` and counters; the sampler needs only the step) every
+`checkpoint_every` steps and, after SIGINT or SIGTERM, at the end of the current step, so a
+stopped run continues where it stopped and ends with the same weights as an uninterrupted
+one. Checkpoints are safetensors + JSON, never pickles.
 
-Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DDP: every rank draws the
+Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DDP or, with
+``training.parallel: fsdp``, sharded with FSDP2 (``fully_shard``): every rank draws the
 same global batch of ``batch_size`` sequences from the sampler and trains on its own
 ``batch_size / WORLD_SIZE`` of them, so the recipe is the same on any number of GPUs;
 rank 0 writes.
@@ -16,10 +18,13 @@ rank 0 writes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +37,7 @@ from merge_mix.artifacts import shareable
 from merge_mix.config import TrainingSpec
 from merge_mix.errors import MergeMixError
 from merge_mix.evaluate import HeldoutSet, heldout_metrics
-from merge_mix.model import autocast
+from merge_mix.model import autocast, disk_full_error
 from merge_mix.tokens import MixtureSampler
 
 CHECKPOINT = "checkpoint"
@@ -82,30 +87,56 @@ def init_distributed() -> tuple[int, int]:
     return _dist_info()
 
 
-def _param_names(model) -> dict[torch.nn.Parameter, str]:
-    return {p: n for n, p in model.named_parameters()}
+def _checkpoint_dir(workdir: Path) -> Path | None:
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):  # .old: killed between the two renames
+        if (workdir / name / "state.json").is_file():
+            return workdir / name
+    return None
 
 
-def save_checkpoint(model, optimizer, state: dict, workdir: Path) -> None:
-    """Atomically replace `workdir/checkpoint` (written beside it, then renamed)."""
-    from safetensors.torch import save_file
+def full_state(model, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """(model state dict, optimizer state dict keyed by parameter name) of the whole model.
 
+    The optimizer's own `state_dict()` numbers parameters by position; names survive a
+    change of code or sharding. Under FSDP every rank must call this (it all-gathers) and
+    every rank receives the full tensors."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    names = [n for n, _ in model.named_parameters()]
+    osd = optimizer.state_dict()
+    named = {
+        "state": {names[i]: st for i, st in osd["state"].items()},
+        "param_groups": [
+            {**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]
+        ],
+    }
+    return {n: p.detach() for n, p in model.named_parameters()}, named
+
+
+def save_checkpoint(
+    model, optimizer, state: dict, workdir: Path, sharded: bool = False, rank: int = 0
+) -> None:
+    """Atomically replace `workdir/checkpoint` (written beside it, then renamed) with the
+    weights and `optimizer.state_dict()` as safetensors and the rest as JSON, no pickles.
+
+    Under FSDP (`sharded`) every rank calls this: the full state is gathered and rank 0
+    writes it, so the checkpoint does not depend on the number of ranks."""
+    weights, osd = full_state(model, optimizer, sharded)
+    if rank != 0:
+        return
     tmp = workdir / f"{CHECKPOINT}.tmp"
     old = workdir / f"{CHECKPOINT}.old"
     final = workdir / CHECKPOINT
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    names = _param_names(model)
-    opt_tensors = {}
-    for p, st in optimizer.state.items():
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                opt_tensors[f"{names[p]}::{key}"] = value.detach().cpu().contiguous()
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shareable(tmp)
+    try:
+        _write_checkpoint(tmp, weights, osd, state)
+    except BaseException:
+        # A half-written checkpoint is never kept: the previous one (if any) stands.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -113,28 +144,149 @@ def save_checkpoint(model, optimizer, state: dict, workdir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(model, optimizer, workdir: Path) -> dict | None:
-    """Restore weights and optimizer state from `workdir`; None if there is no checkpoint."""
+def _write_checkpoint(tmp: Path, weights: dict, osd: dict, state: dict) -> None:
+    """The checkpoint's files in `tmp`; a full disk is an ``OSError(ENOSPC)`` naming the
+    file being written (safetensors reports it without an errno)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def save(tensors: dict, path: Path) -> None:
+        try:
+            save_file(tensors, str(path))
+        except SafetensorError as exc:
+            full = disk_full_error(exc, path)
+            if full is not None:
+                raise full from exc
+            raise
+
+    save({n: t.detach().cpu().contiguous() for n, t in weights.items()}, tmp / "model.safetensors")
+    tensors, values = {}, {}
+    for name, st in osd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{name}::{key}"] = value.detach().cpu().contiguous()
+            else:
+                values[f"{name}::{key}"] = value
+    save(tensors, tmp / "optimizer.safetensors")
+    meta = {"param_groups": osd["param_groups"], "values": values}
+    for name, payload in (("optimizer.json", meta), ("state.json", state)):
+        path = tmp / name
+        try:
+            path.write_text(json.dumps(payload, indent=1))
+        except OSError as exc:
+            # A failed write() carries no file name; say which file it was.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    shareable(tmp)
+
+
+def load_checkpoint(model, optimizer, workdir: Path, sharded: bool = False) -> dict | None:
+    """Restore weights and optimizer state from `workdir`; None if there is no checkpoint.
+
+    `optimizer.load_state_dict` places each state tensor as the optimizer needs it (on the
+    parameter's device; AdamW's `step` on the CPU, or on the device for fused AdamW). Under
+    FSDP every rank reads the full checkpoint and keeps its shard."""
     from safetensors.torch import load_file
 
-    path = workdir / CHECKPOINT
-    if not (path / "state.json").is_file():
-        path = workdir / f"{CHECKPOINT}.old"  # killed between the two renames
-        if not (path / "state.json").is_file():
-            return None
+    path = _checkpoint_dir(workdir)
+    if path is None:
+        return None
+    if not (path / "optimizer.json").is_file():
+        raise MergeMixError(
+            f"{path}: checkpoint from an older merge-mix (no optimizer.json); delete it to"
+            " restart this member"
+        )
     state = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "model.safetensors"))
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    meta = json.loads((path / "optimizer.json").read_text())
+    per_param: dict[str, dict] = {}
+    for key, value in [*tensors.items(), *meta["values"].items()]:
+        name, _, field_name = key.rpartition("::")
+        per_param.setdefault(name, {})[field_name] = value
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+        for g in meta["param_groups"]
+    ]
+    for saved, current in zip(groups, optimizer.param_groups, strict=True):
+        # The implementation follows this run's device (fused AdamW only on CUDA), not
+        # the one that wrote the checkpoint.
+        for key in ("fused", "foreach", "capturable", "differentiable"):
+            if key in current:
+                saved[key] = current[key]
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=weights,
+            optim_state_dict={"state": per_param, "param_groups": groups},
+            options=StateDictOptions(full_state_dict=True),
+        )
+        return state
+    names = [n for n, _ in model.named_parameters()]
+    index = {n: i for i, n in enumerate(names)}
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(weights[n].to(p.device))
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    for p, n in _param_names(model).items():
-        keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"{n}::{k}" in opt_tensors]
-        if keys:
-            optimizer.state[p] = {
-                k: opt_tensors[f"{n}::{k}"].to(p.device if k != "step" else "cpu") for k in keys
-            }
+    optimizer.load_state_dict(
+        {
+            "state": {index[n]: st for n, st in per_param.items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
+        }
+    )
     return state
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Defer SIGINT and SIGTERM to the next step boundary: the first one sets
+    ``flag["signal"]``, which the loop reads after a complete optimizer step; a second
+    SIGINT interrupts at once (losing the steps since the last checkpoint). Outside the
+    main thread, signals keep their usual behaviour."""
+    flag: dict = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _shard(model, spec: TrainingSpec, device: torch.device):
+    """Wrap every decoder layer, then the whole model, with FSDP2 `fully_shard`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if device.type == "cuda" and spec.precision in ("auto", "bf16"):
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of a causal LM (``model.model.layers`` for Llama and
+    most HF decoders), the units FSDP shards and activation checkpointing recomputes."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
+    if layers is None:
+        raise MergeMixError(
+            f"training.parallel: fsdp: cannot find the decoder layers of {type(model).__name__}"
+        )
+    return list(layers)
 
 
 def train_model(
@@ -152,7 +304,15 @@ def train_model(
 ) -> TrainResult:
     """Train `model` in place on `total_tokens` drawn by `sampler`, resuming from
     `workdir` if a checkpoint is there. `step_callback(step)` runs after each optimizer
-    step (after any checkpoint of that step)."""
+    step (after any checkpoint of that step).
+
+    SIGINT/SIGTERM stop the run at the next step boundary with a checkpoint, then raise
+    KeyboardInterrupt. An exception raised inside a step (a hook, a second Ctrl-C) saves
+    nothing: the last checkpoint stands, and resuming gives the same weights.
+
+    Under torchrun with ``spec.parallel == "fsdp"`` the training runs on a sharded copy;
+    at the end rank 0's `model` receives the full trained weights (other ranks' `model`
+    is left as it was)."""
     from tqdm.auto import tqdm
 
     rank, world = _dist_info()
@@ -161,12 +321,29 @@ def train_model(
             f"training.batch_size: {spec.batch_size} sequences do not split evenly over"
             f" {world} processes"
         )
+    sharded = world > 1 and spec.parallel == "fsdp"
     per_rank = spec.batch_size // world
     tokens_per_step = spec.batch_size * spec.grad_accum * seq_len
     total_steps = max(1, math.ceil(total_tokens / tokens_per_step))
-    model.to(device).train()
+    if spec.activation_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise MergeMixError(
+                f"training.activation_checkpointing: not supported by {type(model).__name__}"
+            )
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+    if sharded:
+        # fully_shard rewrites the module in place; train a copy so the caller's model
+        # stays a plain one (kept on the CPU meanwhile), and moves each shard to `device`.
+        model.to("cpu")
+        trained = _shard(copy.deepcopy(model), spec, device)
+    else:
+        trained = model.to(device)
+    trained.train()
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in trained.parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
     optimizer = torch.optim.AdamW(
         [
@@ -176,19 +353,20 @@ def train_model(
         lr=spec.lr,
         betas=(0.9, spec.beta2),
         eps=1e-8,
+        # Fused AdamW exists on CUDA only (untested here: no GPU in CI).
         fused=device.type == "cuda",
     )
-    state = load_checkpoint(model, optimizer, workdir) or {
+    state = load_checkpoint(trained, optimizer, workdir, sharded) or {
         "step": 0,
         "domain_sequences": [0] * len(sampler.domains),
         "wall_time_s": 0.0,
         "history": [],
         "last_loss": float("nan"),
     }
-    train_module = model
-    if world > 1:
+    train_module = trained
+    if world > 1 and not sharded:
         train_module = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            trained, device_ids=[device.index] if device.type == "cuda" else None
         )
     step = state["step"]
     counts = np.asarray(state["domain_sequences"], dtype=np.int64)
@@ -203,6 +381,11 @@ def train_model(
             "last_loss": state["last_loss"],
         }
 
+    def checkpoint() -> None:
+        save_checkpoint(trained, optimizer, snapshot(), workdir, sharded, rank)
+        if world > 1:
+            torch.distributed.barrier()
+
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -212,64 +395,106 @@ def train_model(
         dynamic_ncols=True,
     )
     run_started, run_tokens = time.perf_counter(), 0
+    at_boundary = True  # weights, optimizer, counters and history describe `step` steps
+    stop: dict = {"signal": None}
     try:
-        while step < total_steps:
-            lr = lr_at(step, total_steps, spec)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(spec.grad_accum):
-                global_batch, batch_counts = sampler.batch(step, micro, spec.batch_size)
-                counts += batch_counts
-                rows = global_batch[rank * per_rank : (rank + 1) * per_rank]
-                batch = torch.from_numpy(rows).to(device)
-                sync = micro == spec.grad_accum - 1 or world == 1
-                ctx = train_module.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, autocast(device, spec.precision):
-                    logits = train_module(input_ids=batch[:, :-1]).logits
-                    loss = torch.nn.functional.cross_entropy(
-                        logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-                    )
-                (loss / spec.grad_accum).backward()
-                loss_sum += float(loss.detach()) / spec.grad_accum
-            if spec.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            run_tokens += tokens_per_step
-            state["last_loss"] = loss_sum
-            postfix = {
-                "loss": f"{loss_sum:.3f}",
-                "tok/s": f"{run_tokens / max(1e-9, time.perf_counter() - run_started):.0f}",
-            }
-            record = {"step": step, "train_loss": round(loss_sum, 5), "lr": lr}
-            if (
-                heldout is not None
-                and spec.eval_every
-                and (step % spec.eval_every == 0 or step == total_steps)
-            ):
-                metrics = heldout_metrics(model, heldout, device, spec.precision)
-                losses = [v for k, v in metrics.items() if k.endswith("/loss")]
-                record["heldout_mean_loss"] = round(float(np.mean(losses)), 5)
-                postfix["heldout"] = f"{record['heldout_mean_loss']:.3f}"
-            state["history"].append(record)
-            bar.set_postfix(postfix)
-            bar.update(1)
-            if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < total_steps:
-                if rank == 0:
-                    save_checkpoint(model, optimizer, snapshot(), workdir)
+        with stop_requests() as stop:
+            while step < total_steps:
+                at_boundary = False
+                lr = lr_at(step, total_steps, spec)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(spec.grad_accum):
+                    global_batch, batch_counts = sampler.batch(step, micro, spec.batch_size)
+                    counts += batch_counts
+                    rows = global_batch[rank * per_rank : (rank + 1) * per_rank]
+                    batch = torch.from_numpy(rows).to(device)
+                    sync = micro == spec.grad_accum - 1 or world == 1
+                    ctx = contextlib.nullcontext()
+                    if sharded:
+                        trained.set_requires_gradient_sync(sync)
+                    elif not sync:
+                        ctx = train_module.no_sync()
+                    with ctx, autocast(device, spec.precision):
+                        logits = train_module(input_ids=batch[:, :-1]).logits
+                        loss = torch.nn.functional.cross_entropy(
+                            logits.float().reshape(-1, logits.shape[-1]),
+                            batch[:, 1:].reshape(-1),
+                        )
+                    (loss / spec.grad_accum).backward()
+                    loss_sum += float(loss.detach()) / spec.grad_accum
+                if spec.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trained.parameters(), spec.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                stopping = stop["signal"] is not None
                 if world > 1:
-                    torch.distributed.barrier()
-            if step_callback is not None:
-                step_callback(step)
+                    # The loss of the whole global batch, and a stop if any rank got one,
+                    # so every rank checkpoints and stops at the same step.
+                    both = torch.tensor([loss_sum, float(stopping)], device=device)
+                    torch.distributed.all_reduce(both)
+                    loss_sum, stopping = float(both[0]) / world, bool(both[1] > 0)
+                step += 1
+                run_tokens += tokens_per_step
+                state["last_loss"] = loss_sum
+                postfix = {
+                    "loss": f"{loss_sum:.3f}",
+                    "tok/s": f"{run_tokens / max(1e-9, time.perf_counter() - run_started):.0f}",
+                }
+                record = {"step": step, "train_loss": round(loss_sum, 5), "lr": lr}
+                if (
+                    heldout is not None
+                    and spec.eval_every
+                    and (step % spec.eval_every == 0 or step == total_steps)
+                ):
+                    metrics = heldout_metrics(trained, heldout, device, spec.precision)
+                    losses = [v for k, v in metrics.items() if k.endswith("/loss")]
+                    record["heldout_mean_loss"] = round(float(np.mean(losses)), 5)
+                    postfix["heldout"] = f"{record['heldout_mean_loss']:.3f}"
+                state["history"].append(record)
+                at_boundary = True
+                bar.set_postfix(postfix)
+                bar.update(1)
+                if stopping and step < total_steps:
+                    checkpoint()
+                    bar.write(
+                        f"{desc}: interrupted; checkpoint saved at step {step}, run again to resume"
+                    )
+                    raise KeyboardInterrupt
+                if (
+                    spec.checkpoint_every
+                    and step % spec.checkpoint_every == 0
+                    and step < total_steps
+                ):
+                    checkpoint()
+                if step_callback is not None:
+                    step_callback(step)
     except KeyboardInterrupt:
-        if rank == 0 and step > 0:
-            save_checkpoint(model, optimizer, snapshot(), workdir)
+        # Raised inside a step, the weights may be half updated: save nothing then. Under
+        # torchrun only the signal path above saves (it needs every rank).
+        if at_boundary and world == 1 and step > 0 and stop["signal"] is None:
+            checkpoint()
             bar.write(f"{desc}: interrupted; checkpoint saved at step {step}, run again to resume")
         raise
     finally:
         bar.close()
+    if spec.activation_checkpointing:
+        disable = getattr(model, "activation_checkpointing_disable", None)
+        (disable or model.gradient_checkpointing_disable)()
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full = get_model_state_dict(
+            trained, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if rank == 0:
+            model.load_state_dict(full)
+        del trained, optimizer
+        model.to(device)
     final = snapshot()
     seq_tokens = {
         d: int(c) * seq_len for d, c in zip(sampler.domains, counts.tolist(), strict=True)
@@ -326,12 +551,13 @@ def stage_model(model, out_dir: Path, tokenizer=None) -> Path:
     """Save `model` (and `tokenizer`, making a complete HF model directory) next to
     `out_dir` as ``<out_dir>.tmp``; `commit_model` moves it into place."""
     from merge_mix.model import save_model
+    from merge_mix.tokens import save_tokenizer
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
     return tmp
 
 

@@ -42,6 +42,8 @@ def _one_error_line(result) -> str:
 def pool_copy(tiny_pool, tmp_path) -> Path:
     dst = tmp_path / "pool"
     shutil.copytree(tiny_pool, dst)
+    # Other tests' evaluations of the shared pool leave a verification cache in it.
+    (dst / VERIFIED).unlink(missing_ok=True)
     return dst
 
 
@@ -391,6 +393,59 @@ def test_disk_full_during_a_build_is_one_line_and_not_complete(
     assert not (tmp_path / "p" / "data" / "data.json").exists()
 
 
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import torch
+    from safetensors import SafetensorError
+
+    from merge_mix.train import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    save_checkpoint(model, optimizer, {"step": 1}, tmp_path)
+
+    def full(tensors, filename, metadata=None):
+        # What safetensors raises when the disk fills up mid-write (no errno).
+        raise SafetensorError(
+            "Error while serializing: IoError(Os { code: 28, kind: StorageFull,"
+            ' message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(model, optimizer, {"step": 2}, tmp_path)
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(tmp_path / "checkpoint.tmp" / "model.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    monkeypatch.undo()
+    assert load_checkpoint(model, optimizer, tmp_path)["step"] == 1
+
+
+def test_validate_lmeval_metric_typo_fails_before_scoring(pool_copy, tmp_path):
+    from merge_mix.lmeval import make_tasks
+
+    tasks = tmp_path / "tasks"
+    make_tasks(pool_copy, tasks, max_docs_per_domain=8, n_choices=2, seed=0)
+    path = tmp_path / "typo.yaml"
+    path.write_text(
+        "terms:\n- {source: lmeval, metric: acc_nrom, name: mm_tiny_code_choice,"
+        " direction: maximize}\n"
+    )
+    before = _listing(pool_copy)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        [
+            "validate", str(pool_copy), "-n", "4", "--out", str(out), "--objective", str(path),
+            "--tasks", "mm_tiny_code_choice", "--include-path", str(tasks), "--quiet",
+        ],
+    )  # fmt: skip
+    line = _one_error_line(result)
+    assert "lmeval/mm_tiny_code_choice/acc_nrom: no task declares that metric" in line
+    assert not out.exists() and _listing(pool_copy) == before
+
+
 def test_train_components_on_a_read_only_pool(tiny_spec_path, pool_copy, tmp_path, monkeypatch):
     def read_only(path, blocking=True):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
@@ -416,7 +471,7 @@ def test_validate_on_a_read_only_pool(pool_copy, monkeypatch):
 # --- 7. files that are not UTF-8 text ---------------------------------------------------
 
 
-def _files_domain(root: Path, good: int, latin1: int, nul: int):
+def _files_domain(root: Path, good: int, latin1: int, nul: int, **options):
     from merge_mix.config import DomainSpec, SourceSpec
 
     root.mkdir()
@@ -426,7 +481,7 @@ def _files_domain(root: Path, good: int, latin1: int, nul: int):
         (root / f"latin{i}.txt").write_bytes(f"caf\u00e9 {i} ".encode("latin-1") * 20)
     for i in range(nul):
         (root / f"nul{i}.txt").write_bytes(b"binary\x00data" * 10)
-    return DomainSpec("d", (SourceSpec("files", str(root / "*.txt")),))
+    return DomainSpec("d", (SourceSpec("files", str(root / "*.txt"), **options),))
 
 
 def test_non_utf8_files_are_counted_and_warned_about(tmp_path, caplog):
@@ -435,8 +490,52 @@ def test_non_utf8_files_are_counted_and_warned_about(tmp_path, caplog):
     domain = _files_domain(tmp_path / "src", good=3, latin1=2, nul=1)
     with caplog.at_level(logging.WARNING, logger="merge_mix.corpus"):
         docs, stats = read_domain(domain, "spec.yaml: domains.d")
-    assert len(docs) == 3 and stats["skipped_not_utf8"] == 3
-    assert "spec.yaml: domains.d.sources[0]: 3 files skipped: not UTF-8 text" in caplog.text
+    assert len(docs) == 3
+    assert stats["skipped"] == {"not_utf8": 2, "binary": 1, "too_large": 0}
+    assert (
+        "spec.yaml: domains.d.sources[0]: 3 files skipped: 2 not UTF-8 text, 1 binary (NUL bytes)"
+        in caplog.text
+    )
+
+
+def test_latin1_files_are_read_with_their_encoding(tmp_path, caplog):
+    from merge_mix.corpus import read_domain
+
+    domain = _files_domain(tmp_path / "src", good=1, latin1=2, nul=1, encoding="latin-1")
+    with caplog.at_level(logging.WARNING, logger="merge_mix.corpus"):
+        docs, stats = read_domain(domain, "spec.yaml: domains.d")
+    assert stats["skipped"] == {"not_utf8": 0, "binary": 1, "too_large": 0}
+    assert len(docs) == 3 and sum("caf\u00e9 0" in t for t in docs.values()) == 1
+    assert "domains.d.sources[0]: 1 files skipped: 1 binary (NUL bytes)" in caplog.text
+
+
+def test_files_over_max_file_bytes_are_counted(tmp_path, caplog):
+    from merge_mix.corpus import read_domain
+
+    # The good files are 220 bytes, the latin-1 ones 140.
+    domain = _files_domain(
+        tmp_path / "src", good=2, latin1=2, nul=0, encoding="latin-1", max_file_bytes=200
+    )
+    with caplog.at_level(logging.WARNING, logger="merge_mix.corpus"):
+        docs, stats = read_domain(domain, "spec.yaml: domains.d")
+    assert len(docs) == 2 and all("caf\u00e9" in t for t in docs.values())
+    assert stats["skipped"] == {"not_utf8": 0, "binary": 0, "too_large": 2}
+    assert "domains.d.sources[0]: 2 files skipped: 2 too large" in caplog.text
+
+
+def test_source_encoding_and_max_file_bytes_in_the_spec(tiny_spec_path, tmp_path):
+    spec = tiny_spec_dict(tiny_spec_path.parent, output=str(tmp_path / "p"))
+    source = {"files": str(tmp_path / "*.txt"), "encoding": "latin-1", "max_file_bytes": 1000}
+    spec["domains"]["c"] = {"sources": [source]}
+    loaded = load_spec(write_spec(tmp_path, spec))
+    src = next(d for d in loaded.domains if d.name == "c").sources[0]
+    assert (src.encoding, src.max_file_bytes) == ("latin-1", 1000)
+    # Unset options leave a source's identity (and so existing pools' hashes) as before.
+    plain = next(d for d in loaded.domains if d.name == "code").sources[0]
+    assert set(plain.identity()) == {"kind", "location", "text_field", "split"}
+    source["encoding"] = "latin-9000"
+    with pytest.raises(MergeMixError, match=r"domains\.c\.sources\[0\]\.encoding: unknown text"):
+        load_spec(write_spec(tmp_path, spec))
 
 
 def test_domain_of_only_non_utf8_files_says_so(tiny_spec_path, tmp_path):
@@ -444,10 +543,12 @@ def test_domain_of_only_non_utf8_files_says_so(tiny_spec_path, tmp_path):
     spec = tiny_spec_dict(tiny_spec_path.parent, output=str(tmp_path / "p"))
     spec["domains"]["c"] = {"sources": [{"files": str(tmp_path / "src" / "*.txt")}]}
     line = _one_error_line(_train(write_spec(tmp_path, spec)))
-    assert "domains.c.sources[0]" in line and "3 files skipped: not UTF-8 text" in line
+    assert "domains.c.sources[0]" in line
+    assert "3 files skipped: 2 not UTF-8 text, 1 binary (NUL bytes); no documents left" in line
 
 
 def test_tiny_pool_records_skipped_counts(tiny_pool):
     data = json.loads((tiny_pool / "data" / "data.json").read_text())
     for d in DOMAINS:
-        assert data["domains"][d]["corpus"]["skipped_not_utf8"] == 0
+        skipped = data["domains"][d]["corpus"]["skipped"]
+        assert set(skipped) == {"not_utf8", "binary", "too_large"}

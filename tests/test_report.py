@@ -37,7 +37,7 @@ VERDICTS = {
     "not distinguishable": (
         (-0.0020, -0.0060, 0.0030),
         "not distinguishable from uniform on the test split "
-        "(difference 0.0020 [-0.0030, 0.0060] nats/token)",
+        "(gain 0.0020 [-0.0030, 0.0060] nats/token)",
     ),
     "worse": (
         (0.0040, 0.0010, 0.0080),

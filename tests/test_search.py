@@ -378,8 +378,10 @@ def test_halving_picks_what_full_budget_scoring_picks_for_less(tmp_path):
     assert summary["speedup"] == pytest.approx(3.0)
     assert summary["verified"]["same_pick"] is True
     assert result.best["halving"]["main"]["pick"] == summary["pick"]
+    # One row per candidate: 24 pruned below the full budget, 3 complete at it.
     cheap = [r for r in rows(tmp_path) if not r["full_budget"]]
-    assert len(cheap) == 27 + 9 and all(r["budget_tokens"] < full for r in cheap)
+    assert len(cheap) == 27 - 3 and all(r["budget_tokens"] < full for r in cheap)
+    assert summary["pruned"] == [18, 6] and summary["failed"] == 0
     assert result.best["number"] not in {r["number"] for r in cheap}
 
 
@@ -453,7 +455,7 @@ def test_record_trial_adds_an_externally_scored_mixture(tmp_path):
         ({"strength": (5.0, 0.5)}, "strength"),
         ({"storage": "study.db"}, "storage"),
         ({"halving": True, "sampler": "tpe", "budget_tokens": 9}, "halving"),
-        ({"halving": True}, "budget_tokens"),
+        ({"halving": True, "budget_tokens": 8, "eta": 3, "rungs": 3}, "rungs"),
         ({"halving_verify": True}, "halving_verify"),
         ({"worker": "a b"}, "worker"),
         ({"top_k": 0}, "top_k"),
@@ -465,6 +467,14 @@ def test_bad_configs_fail_with_one_line(overrides, message):
     with pytest.raises(MergeMixError) as err:
         SearchConfig(**overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_halving_without_a_budget_is_refused_by_run_search(tmp_path):
+    """`search_pool` turns a missing budget into the search split's size; a direct
+    `run_search` call must name the budget."""
+    config = SearchConfig(halving=True, n_trials=9, storage=":memory:", progress=False)
+    with pytest.raises(MergeMixError, match="budget_tokens"):
+        run_search(FakeScorer(), MEAN_LOSS, config, tmp_path)
 
 
 def test_unknown_config_key_is_named():
@@ -505,3 +515,183 @@ def test_importing_the_package_stays_light():
     code = "import sys, merge_mix.search, merge_mix.objective; print('optuna' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- the study in Optuna's own tools ------------------------------------------------------
+
+
+def open_journal(tmp_path: Path, objective=MEAN_LOSS):
+    from merge_mix.search.study import open_study
+
+    return open_study(tmp_path, ["web", "code", "math"], objective, str(tmp_path / "study.jsonl"))
+
+
+def check_named_params(study, domains) -> list:
+    """Every completed or pruned trial carries its merge weights as `w:<domain>` params with
+    a registered [0, 1] distribution, summing to 1 and equal to its `merge_weights`; returns
+    those trials."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    done = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert done
+    for t in done:
+        weights = [t.params[f"w:{d}"] for d in domains]
+        assert weights == pytest.approx(t.user_attrs["merge_weights"], abs=1e-12), t.number
+        assert sum(weights) == pytest.approx(1.0)
+        for d in domains:
+            assert t.distributions[f"w:{d}"] == FloatDistribution(0.0, 1.0)
+    return done
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"sampler": "grid", "grid_step": 0.25},
+        {"sampler": "dirichlet", "surrogate": True, "surrogate_candidates": 2_000},
+        {"sampler": "tpe"},
+        {"sampler": "cmaes"},
+        {"sampler": "random", "halving": True, "n_trials": 9, "budget_tokens": 9_000},
+    ],
+    ids=["grid", "dirichlet+surrogate", "tpe", "cmaes", "halving"],
+)
+def test_every_trial_carries_its_merge_weights_as_named_params(tmp_path, overrides):
+    from merge_mix.search.study import record_trial
+
+    scorer = FakeScorer()
+    run_search(scorer, MEAN_LOSS, config(tmp_path, **overrides), tmp_path)
+    study = open_journal(tmp_path)
+    weights = np.array([0.2, 0.6, 0.2])
+    record_trial(study, MEAN_LOSS, weights, scorer.score(weights), kind="gradient:mirror")
+
+    assert study.metric_names == ["mean_loss (nats/token, search split)"]
+    done = check_named_params(study, scorer.domains)
+    kinds = {t.user_attrs["kind"].split(":")[0] for t in done}
+    assert {"baseline", "gradient"} <= kinds
+    # tpe/cmaes also keep the unit-cube coordinates they learn on; the others do not.
+    unit_cube = overrides["sampler"] in ("tpe", "cmaes")
+    assert all(("u:code" in t.params) == unit_cube for t in done)
+
+
+def test_halving_candidates_are_one_trial_with_rungs_as_intermediate_values(tmp_path):
+    from optuna.trial import TrialState
+
+    scorer = FakeScorer(full_budget=90_000, budget_bias=0.05)
+    cfg = config(
+        tmp_path, sampler="random", n_trials=27, halving=True, eta=3, rungs=3, budget_tokens=90_000
+    )
+    result = run_search(scorer, MEAN_LOSS, cfg, tmp_path)
+    study = open_journal(tmp_path)
+    candidates = [t for t in study.trials if "halving" in t.user_attrs]
+    assert len(candidates) == 27
+    assert len({t.user_attrs["halving"]["candidate"] for t in candidates}) == 27
+    pruned = [t for t in candidates if t.state == TrialState.PRUNED]
+    complete = [t for t in candidates if t.state == TrialState.COMPLETE]
+    assert sorted(len(t.intermediate_values) for t in pruned) == [1] * 18 + [2] * 6
+    assert len(complete) == 3 and all(list(t.intermediate_values) == [0, 1, 2] for t in complete)
+    for t in pruned + complete:
+        # A pruned trial's value is its last rung's (Optuna's rule), a complete one's the full
+        # budget's; the record on the trial is that last rung's.
+        assert t.value == t.intermediate_values[max(t.intermediate_values)]
+        assert t.user_attrs["kind"] == f"halving:rung{max(t.intermediate_values)}"
+    assert all(t.user_attrs["budget_tokens"] == 90_000 for t in complete)
+    # Cheaper rungs carry the budget bias: the same mixture scores worse there.
+    for t in complete:
+        assert t.intermediate_values[0] > t.intermediate_values[1] > t.intermediate_values[2]
+    assert result.halving["pick"]["number"] in {t.number for t in complete}
+    # trials.jsonl: one row per candidate; the pruned ones are not full budget.
+    halving_rows = {r["number"]: r for r in rows(tmp_path) if r["kind"].startswith("halving:")}
+    assert set(halving_rows) == {t.number for t in candidates}
+    assert all(not halving_rows[t.number]["full_budget"] for t in pruned)
+    assert all(halving_rows[t.number]["objective"] == t.value for t in candidates)
+
+
+def test_halving_resumes_from_reported_rungs_without_rescoring(tmp_path):
+    from optuna.trial import TrialState
+
+    def halving_config(run_dir):
+        return config(
+            run_dir, sampler="random", n_trials=27, halving=True, eta=3, budget_tokens=90_000
+        )
+
+    # 5 baselines, the 27 candidates at rung 0, 4 of the 9 at rung 1, then a crash.
+    crashing = CrashAfter(5 + 27 + 4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_search(crashing, MEAN_LOSS, halving_config(tmp_path / "a"), tmp_path / "a")
+    resumed = FakeScorer()
+    result = run_search(resumed, MEAN_LOSS, halving_config(tmp_path / "a"), tmp_path / "a")
+    # Only what was missing: the other 5 at rung 1 (the crashed one among them), 3 at rung 2.
+    assert len(resumed.calls) == 5 + 3
+    assert not set(resumed.calls) & set(crashing.calls)
+
+    whole = run_search(FakeScorer(), MEAN_LOSS, halving_config(tmp_path / "b"), tmp_path / "b")
+    assert result.halving["pick"]["merge_weights"] == whole.halving["pick"]["merge_weights"]
+    assert result.halving["pick"]["objective"] == whole.halving["pick"]["objective"]
+    assert result.halving["pruned"] == whole.halving["pruned"] == [18, 6]
+
+    study = open_journal(tmp_path / "a")
+    finished = [
+        t
+        for t in study.trials
+        if "halving" in t.user_attrs and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    ]
+    assert sorted(t.user_attrs["halving"]["candidate"] for t in finished) == list(range(27))
+    check_named_params(study, resumed.domains)
+    # The 3 survivors continued in new trials that carry the rungs scored before the crash.
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3 and all(list(t.intermediate_values) == [0, 1, 2] for t in complete)
+
+
+def test_parameter_importances_read_merge_weights(tmp_path):
+    import optuna
+
+    # The code loss depends on code's weight alone (fake.py), so its importance leads.
+    code_loss = load_objective(
+        {"name": "code_loss", "terms": [{"source": "heldout", "metric": "loss", "name": "code"}]}
+    )
+    cfg = config(tmp_path, sampler="random", n_trials=30, seed=0)
+    run_search(FakeScorer(), code_loss, cfg, tmp_path)
+    study = open_journal(tmp_path, code_loss)
+    assert study.metric_names == ["code_loss (nats/token, search split)"]
+    importances = optuna.importance.get_param_importances(study)
+    # Measured (Optuna 5.0's default, PED-ANOVA): code 0.56, web 0.31, math 0.13.
+    assert set(importances) == {"w:web", "w:code", "w:math"}
+    assert max(importances, key=importances.get) == "w:code"
+    assert importances["w:code"] - max(importances["w:web"], importances["w:math"]) > 0.1
+
+
+def test_tiny_pool_study_reads_by_domain_name(tiny_pool, tmp_path):
+
+    from merge_mix.search.gradient import GradientConfig
+    from merge_mix.search.pipeline import search_pool
+    from merge_mix.search.study import open_study
+
+    objective = load_objective("mean_loss")
+    cfg = SearchConfig(sampler="random", halving=True, n_trials=4, eta=2, rungs=2, progress=False)
+    summary = search_pool(
+        tiny_pool,
+        objective,
+        cfg,
+        tmp_path,
+        gradient=GradientConfig(steps=1, train_tokens=600),
+        scorer_options={"heldout_tokens": 600},
+        judge_test=False,
+    )
+    domains = summary["domains"]
+    study = open_study(tmp_path, domains, objective)
+    assert study.metric_names == ["mean_loss (nats/token, search split)"]
+    done = check_named_params(study, domains)
+    assert {"baseline", "halving", "surrogate", "gradient"} == {
+        t.user_attrs["kind"].split(":")[0] for t in done
+    }
+    uniform = next(t for t in done if t.user_attrs["kind"] == "baseline:uniform")
+    assert {d: uniform.params[f"w:{d}"] for d in domains} == pytest.approx(
+        {d: 1 / 3 for d in domains}
+    )
+    halving = [t for t in done if "halving" in t.user_attrs]
+    assert sorted((t.state.name, len(t.intermediate_values)) for t in halving) == [
+        ("COMPLETE", 2),
+        ("COMPLETE", 2),
+        ("PRUNED", 1),
+        ("PRUNED", 1),
+    ]

@@ -50,8 +50,9 @@ class SearchConfig:
     """Name of the study inside the storage."""
     budget_tokens: int | None = None
     """Per-domain evaluation token budget of a full-budget score (baselines included); None
-    means the scorer's default. Keep it fixed within a study. Required with halving, which
-    scores the early rungs at budget_tokens / eta^j."""
+    means every piece of the scorer's split. Keep it fixed within a study. Halving scores the
+    early rungs at budget_tokens / eta^j (`search_pool` sets None to the largest domain's
+    token count)."""
     grid_step: float = 0.1
     """Spacing of the "grid" sampler; 1 / grid_step must be a whole number."""
     temperature: float = 0.7
@@ -154,9 +155,12 @@ class SearchConfig:
                     f"needs a sampler that proposes all candidates up front "
                     f"({', '.join(HALVING_SAMPLERS)}), not {self.sampler!r}",
                 )
-            if self.budget_tokens is None:
-                fail("halving", "needs budget_tokens (the full per-domain evaluation budget)")
-            elif self.budget_tokens // self.eta ** (self.rungs - 1) < 1:
+            # budget_tokens None is "every piece of the search split"; `search_pool` turns it
+            # into the largest domain's token count before halving divides it.
+            if (
+                self.budget_tokens is not None
+                and self.budget_tokens // self.eta ** (self.rungs - 1) < 1
+            ):
                 fail("rungs", f"{self.rungs} rungs of eta={self.eta} leave no tokens to score")
             if self.n_trials < self.eta:
                 fail("n_trials", f"halving needs at least eta={self.eta} candidates")

@@ -79,24 +79,24 @@ class GradientResult:
 
 def training_slice(scorer, tokens: int | None) -> dict:
     """Windows of the first `tokens` tokens (whole pieces) of each domain's search split."""
-    from merge_mix.evaluate import build_windows
+    from merge_mix.evaluate import TARGET_PREFIX, TARGETS_DIR, build_windows
     from merge_mix.tokens import Shard
 
+    dirs = {d: scorer.pool.data_dir / d for d in scorer.domains}
+    for name in getattr(scorer, "targets", ()):
+        dirs[TARGET_PREFIX + name] = scorer.pool.data_dir / TARGETS_DIR / name
     return {
         d: build_windows(
-            Shard.open(scorer.pool.data_dir / d, "search"),
-            scorer.pool.bos_id,
-            scorer.pool.seq_len,
-            tokens,
+            Shard.open(path, "search"), scorer.pool.bos_id, scorer.pool.seq_len, tokens
         )
-        for d in scorer.domains
+        for d, path in dirs.items()
     }
 
 
 def _differentiable_objective(objective: Objective, domains: list[str], baseline):
     """A torch function of per-domain {loss, bpb, ppl} tensors mirroring
     `Objective.evaluate` for its held-out terms and constraints."""
-    terms = [t for t in objective.terms if t.source == "heldout"]
+    terms = [t for t in objective.terms if t.source in ("heldout", "target")]
     if not terms:
         raise MergeMixError("gradient search: the objective has no held-out terms to differentiate")
     reducers = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}
@@ -109,7 +109,7 @@ def _differentiable_objective(objective: Objective, domains: list[str], baseline
     def value(metrics: dict[str, torch.Tensor]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64)
         for t in terms:
-            stacked = torch.stack([metrics[f"heldout/{n}/{t.metric}"] for n in names(t)])
+            stacked = torch.stack([metrics[f"{t.source}/{n}/{t.metric}"] for n in names(t)])
             total = total + t.weight * t.sign * reducers[t.reduce](stacked)
         for c in objective.constraints:
             if c.source != "heldout":
@@ -147,31 +147,91 @@ def mirror_step(
     return new if caps is None else apply_caps(new, caps)
 
 
+class _Linearised(torch.autograd.Function):
+    """A value computed elsewhere, with its gradient w.r.t. `weights` given (`jacobian`):
+    lets per-batch gradients, accumulated without one graph for the whole slice, flow
+    into the rest of the objective's graph."""
+
+    @staticmethod
+    def forward(ctx, weights, value, jacobian):
+        ctx.save_for_backward(jacobian)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (jacobian,) = ctx.saved_tensors
+        return grad * jacobian.to(grad.dtype), None, None
+
+
+def _batch_nll(model, params: dict[str, torch.Tensor], ids, labels) -> torch.Tensor:
+    """Summed negative log-likelihood (fp32) of one batch under `params`, with the LM head
+    applied to a chunk of scored positions at a time when the architecture allows it."""
+    from torch.func import functional_call
+
+    from merge_mix.evaluate import chunk_positions, chunked_nll, head_parts
+
+    scored = labels != -100
+    chunk = chunk_positions(model.config.vocab_size)
+    parts = head_parts(model)
+    if parts is not None:
+        base, head = parts
+        prefix = model.base_model_prefix + "."
+        base_params = {n[len(prefix) :]: t for n, t in params.items() if n.startswith(prefix)}
+        head_names = {id(p): n for n, p in model.named_parameters()}
+        weight = params[head_names[id(head.weight)]]
+        bias = None if head.bias is None else params[head_names[id(head.bias)]]
+        if len(base_params) + 1 + (bias is not None) >= len(params):
+            hidden = functional_call(base, base_params, (ids,)).last_hidden_state
+            return chunked_nll(
+                hidden[scored],
+                labels[scored],
+                lambda h: torch.nn.functional.linear(h, weight, bias),
+                chunk,
+            ).sum()
+    logits = functional_call(model, params, (ids,)).logits
+    return chunked_nll(logits[scored], labels[scored], torch.nn.Identity(), chunk).sum()
+
+
 def differentiable_metrics(scorer, slices: dict, weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """Held-out ``loss``, ``bpb`` and ``ppl`` per domain of the model merged with `weights`
     on the windows `slices`, as float64 tensors that carry gradients to `weights` (through
-    `scorer.differentiable_params`). Summed like `merge_mix.evaluate.heldout_metrics`."""
-    from torch.func import functional_call
+    `scorer.differentiable_params`). Summed like `merge_mix.evaluate.heldout_metrics`.
+
+    Batched by tokens like the evaluator (`token_batches`, ``scorer.batch_size x seq_len``
+    tokens a batch), and backpropagated batch by batch: each batch's gradient w.r.t. the
+    weights is taken as soon as its forward pass ends, so only one batch's activations are
+    alive at a time, never a graph over the whole slice."""
+    from merge_mix.evaluate import metric_prefix, token_batches, window_lengths
 
     model = scorer.merger.model
     model.eval()
-    params = scorer.differentiable_params(weights.to(torch.float32))
+    need_grad = torch.is_grad_enabled() and weights.requires_grad
+    w32 = weights.detach().to(torch.float32).requires_grad_(need_grad)
+    with torch.set_grad_enabled(need_grad):
+        params = scorer.differentiable_params(w32)
     metrics: dict[str, torch.Tensor] = {}
     for d, win in slices.items():
         n_windows, n_tokens, n_bytes = win.prefix(None)
-        nll = torch.zeros((), dtype=torch.float64)
-        for lo in range(0, n_windows, scorer.batch_size):
-            ids = win.input_ids[lo : lo + scorer.batch_size].to(scorer.device)
-            lab = win.labels[lo : lo + scorer.batch_size].to(scorer.device)
-            logits = functional_call(model, params, (ids,)).logits
-            batch = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), lab.reshape(-1), reduction="sum"
-            )
-            nll = nll + batch.double().cpu()
+        lengths = window_lengths(win, n_windows)
+        total = torch.zeros((), dtype=torch.float64)
+        jacobian = torch.zeros(len(weights), dtype=torch.float64)
+        for rows in token_batches(lengths, scorer.batch_size * win.input_ids.shape[1]):
+            width = int(lengths[rows[0]])
+            ids = win.input_ids[rows, :width].to(scorer.device)
+            lab = win.labels[rows, :width].to(scorer.device)
+            with torch.set_grad_enabled(need_grad):
+                batch = _batch_nll(model, params, ids, lab)
+            if need_grad:
+                # Keeps only the small graph from w to the merged parameters between batches.
+                (grad,) = torch.autograd.grad(batch, w32, retain_graph=True)
+                jacobian += grad.double().cpu()
+            total += batch.detach().double().cpu()
+        nll = _Linearised.apply(weights, total, jacobian) if need_grad else total
         loss = nll / n_tokens
-        metrics[f"heldout/{d}/loss"] = loss
-        metrics[f"heldout/{d}/bpb"] = nll / (n_bytes * math.log(2))
-        metrics[f"heldout/{d}/ppl"] = torch.exp(loss)
+        prefix = metric_prefix(d)
+        metrics[f"{prefix}/loss"] = loss
+        metrics[f"{prefix}/bpb"] = nll / (n_bytes * math.log(2))
+        metrics[f"{prefix}/ppl"] = torch.exp(loss)
     return metrics
 
 

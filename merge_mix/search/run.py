@@ -65,12 +65,33 @@ class SearchResult:
     """This worker's surrogate summary, if it ran."""
 
 
+def _unit_cube_only(space: dict[str, Any]) -> dict[str, Any]:
+    # Trials also carry w:<domain>, the merge weights the u:<domain> coordinates decode to:
+    # recorded, not search dimensions of their own (a joint model of both would propose w:
+    # values nobody uses, and `record_params` would then record those instead).
+    return {name: d for name, d in space.items() if name.startswith("u:")}
+
+
+class UnitCubeTPE(optuna.samplers.TPESampler):
+    """TPE (multivariate by default since Optuna 5) over the `u:<domain>` coordinates only."""
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, Any]:
+        return _unit_cube_only(super().infer_relative_search_space(study, trial))
+
+
+class UnitCubeCmaEs(optuna.samplers.CmaEsSampler):
+    """CMA-ES over the `u:<domain>` coordinates only."""
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, Any]:
+        return _unit_cube_only(super().infer_relative_search_space(study, trial))
+
+
 def _optuna_sampler(config: SearchConfig, restarts: int) -> optuna.samplers.BaseSampler:
     seed = int(seed_sequence(config.seed, config.worker, restarts).generate_state(1)[0])
     if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return UnitCubeTPE(seed=seed)
     if config.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        return UnitCubeCmaEs(seed=seed, warn_independent_sampling=False)
     # The other samplers propose outside Optuna; this one is never asked for a value.
     return optuna.samplers.RandomSampler(seed=seed)
 
@@ -106,6 +127,8 @@ def run_search(
     from merge_mix.search.halving import run_halving, rung_sizes
     from merge_mix.search.surrogate import run_surrogate
 
+    if config.halving and config.budget_tokens is None:
+        raise MergeMixError("halving: needs budget_tokens (the full per-domain budget)")
     domains = list(scorer.domains)
     available = np.asarray(scorer.available_tokens, dtype=float)
     config.check_pool(domains, available)

@@ -1,14 +1,21 @@
 """The Optuna study behind a search: storage, trial records, the work queue, and exports.
 
-Every scored mixture is one Optuna trial whose value is the objective (to minimise) and whose
-user attributes carry the record (see `TRIAL_ATTRS`). Trials that must be scored exactly once
-per study — baselines, grid points, re-scores of trials a dead worker left running — go
-through Optuna's queue (`enqueue_trial`) with a `key`; a worker that pops a queued trial whose
-key an earlier live trial already holds marks it FAIL as a duplicate, so two workers racing to
-enqueue the same work still score it once, and `trial_rows` keeps one row per key.
+Every scored mixture is one Optuna trial whose value is the objective (to minimise, named by
+`metric_name`), whose parameters are its merge weights, `w:<domain>` (FloatDistribution(0, 1),
+summing to 1; never sampled: `record_params` records them on every trial, whoever proposed
+the mixture), and whose user attributes carry the record (see `TRIAL_ATTRS`). Studies run by
+the tpe/cmaes samplers also carry the `u:<domain>` unit-cube coordinates those samplers learn
+on. A successive-halving candidate is one trial: its rungs are intermediate values (step =
+rung), and it ends PRUNED when it stops below the full budget.
+
+Trials that must be scored exactly once per study — baselines, grid points, re-scores of
+trials a dead worker left running — go through Optuna's queue (`enqueue_trial`) with a `key`;
+a worker that pops a queued trial whose key an earlier live trial already holds marks it FAIL
+as a duplicate, so two workers racing to enqueue the same work still score it once, and
+`trial_rows` keeps one row per key.
 
 Files written by `export_trials` into the run directory (each atomically: temp + rename):
-  trials.jsonl  one JSON object per completed trial, keys in `ROW_KEYS` order
+  trials.jsonl  one JSON object per completed or pruned trial, keys in `ROW_KEYS` order
   trials.csv    the same rows flattened: merge_weights/<d>, effective_mixture/<d>, metrics
   best.json     the best full-budget trial (selected on the search split), how it compares
                 with the baselines there, and, once the verdict has run, the verdict on the
@@ -22,6 +29,7 @@ import io
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,6 +38,7 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
+from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
 from merge_mix.artifacts import write_atomic
@@ -39,7 +48,8 @@ from merge_mix.search.config import JOURNAL_SUFFIXES
 from merge_mix.search.simplex import U_LOW, normalise, to_unit_cube
 
 TRIAL_ATTRS = {
-    "kind": 'what proposed the mixture: "baseline:uniform", "sampler:tpe", "halving:rung1"...',
+    "kind": 'what proposed the mixture: "baseline:uniform", "sampler:tpe", "halving:rung1"'
+    " (a halving candidate: the last rung it was scored at)...",
     "worker": "the worker whose quota the trial counts toward",
     "scored_by": "the worker process that scored it",
     "merge_weights": "merge weights, a list aligned with the study's domains",
@@ -48,8 +58,9 @@ TRIAL_ATTRS = {
     "feasible": "whether the objective's constraints hold (absent: no constraints, True)",
     "penalty": "the constraint penalty included in the objective (absent: 0)",
     "budget_tokens": "per-domain evaluation budget (absent: the scorer's default)",
-    "full_budget": "False for the cheap early rungs of successive halving (absent: True)",
-    "cost_s": "seconds spent scoring",
+    "full_budget": "False for a halving candidate pruned below the full budget (absent: True)",
+    "cost_s": "seconds spent scoring (a halving candidate: summed over its rungs)",
+    "halving": 'halving trials only: {"candidate": index in the bracket, "rung": last rung}',
     "key": "queued trials only: the unit of work it stands for (deduplicated)",
 }
 ROW_KEYS = (
@@ -148,6 +159,69 @@ def unit_cube_params(domains: Sequence[str], weights: np.ndarray) -> dict[str, f
     return {f"u:{d}": float(u) for d, u in zip(domains, to_unit_cube(weights), strict=True)}
 
 
+def weight_distributions(domains: Sequence[str]) -> dict[str, FloatDistribution]:
+    """The `w:<domain>` parameters every trial carries: its merge weights, by domain name."""
+    return {f"w:{d}": FloatDistribution(0.0, 1.0) for d in domains}
+
+
+def weight_params(
+    domains: Sequence[str], weights: np.ndarray | Sequence[float]
+) -> dict[str, float]:
+    """`weights` as `w:<domain>` parameter values (clipped into [0, 1] against rounding)."""
+    return {f"w:{d}": min(max(float(x), 0.0), 1.0) for d, x in zip(domains, weights, strict=True)}
+
+
+class _Given(optuna.samplers.BaseSampler):
+    """A sampler that proposes nothing: it hands back values decided elsewhere."""
+
+    def __init__(self, values: Mapping[str, float]) -> None:
+        self.values = values
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, dist: Any) -> Any:
+        return self.values[param_name]
+
+
+def record_params(
+    trial: optuna.Trial, domains: Sequence[str], weights: np.ndarray, unit_cube: bool = False
+) -> None:
+    """Record `weights` as the trial's `w:<domain>` parameters (and, with `unit_cube`, the
+    `u:<domain>` coordinates tpe/cmaes learn on, unless the sampler already chose them).
+
+    Optuna only records a parameter through `suggest_*`, which asks the study's sampler; the
+    weights here come from outside it (a baseline, the dirichlet sampler, halving, the
+    surrogate), so the sampler is swapped for one that returns them during the calls. A queued
+    trial's values come from its `enqueue_trial` params the same way."""
+    given = weight_params(domains, weights)
+    dists = weight_distributions(domains)
+    if unit_cube:
+        given |= unit_cube_params(domains, weights)
+        dists |= distributions(domains)
+    if set(dists) <= set(trial.params):
+        return  # a later rung of a halving candidate
+    study = trial.study
+    sampler = study.sampler
+    study.sampler = _Given(given)
+    try:
+        for name, dist in dists.items():
+            trial.suggest_float(name, dist.low, dist.high)
+    finally:
+        study.sampler = sampler
+
+
+def metric_name(objective: Objective) -> str:
+    """The study's metric name: what the objective is, its unit, and where it is measured,
+    e.g. "mean_loss (nats/token, search split)"."""
+    from merge_mix.compare import unit_of
+
+    return f"{objective.name} ({unit_of(objective)}, search split)"
+
+
 def _fingerprint(objective: Objective) -> str:
     return json.dumps(objective.to_dict(), sort_keys=True)
 
@@ -178,7 +252,7 @@ def open_study(
         from merge_mix import __version__
 
         study.set_user_attr("merge_mix_version", __version__)
-        return study
+        return _named(study, objective)
     if list(attrs["domains"]) != list(domains):
         raise MergeMixError(
             f"study {study_name!r} in {where} is for domains {attrs['domains']}, not "
@@ -190,6 +264,17 @@ def open_study(
             f"study {study_name!r} in {where} was made for objective {theirs!r}, which differs "
             f"from this run's {objective.name!r}; use another run directory or study name"
         )
+    return _named(study, objective)
+
+
+def _named(study: optuna.Study, objective: Objective) -> optuna.Study:
+    # Also names studies made before metric names were set (a resumed older run).
+    name = metric_name(objective)
+    if study.metric_names != [name]:
+        with warnings.catch_warnings():
+            # set_metric_names is "experimental" since Optuna 3.2; dashboards read it.
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            study.set_metric_names([name])
     return study
 
 
@@ -226,7 +311,9 @@ def enqueue(
     }
     if worker is not None:
         user_attrs["worker"] = worker
-    study.enqueue_trial(unit_cube_params(domains, weights), user_attrs=user_attrs)
+    # The w: values are the merge weights whatever the sampler; u: serve tpe/cmaes workers.
+    params = {**weight_params(domains, weights), **unit_cube_params(domains, weights)}
+    study.enqueue_trial(params, user_attrs=user_attrs)
 
 
 def enqueue_once(
@@ -259,10 +346,13 @@ def earlier_holder(study: optuna.Study, number: int, key: str) -> int | None:
 
 def requeue(study: optuna.Study, attrs: Mapping[str, Any], number: int, scored_by: str) -> bool:
     """Queue the mixture of failed trial `number` (user attributes `attrs`) again, with the
-    same kind, key and owner, unless it has used up its attempts. Returns whether it did."""
+    same kind, key and owner, unless it has used up its attempts. Returns whether it did.
+    Halving trials are not queued: `run_halving` resumes them from their intermediate values."""
     if "merge_weights" not in attrs or attrs.get("attempt", 1) >= MAX_ATTEMPTS:
         return False
-    extra = {k: attrs[k] for k in ("halving", "predicted_objective", "surrogate") if k in attrs}
+    if "halving" in attrs:
+        return False
+    extra = {k: attrs[k] for k in ("predicted_objective", "surrogate") if k in attrs}
     enqueue(
         study,
         np.asarray(attrs["merge_weights"]),
@@ -389,12 +479,16 @@ def record_trial(
         if (evaluation.violations) and finite
         else None
     )
+    params, dists = weight_params(domains, w), weight_distributions(domains)
+    if uses_unit_cube(study):
+        params |= unit_cube_params(domains, w)
+        dists |= distributions(domains)
     study.add_trial(
         optuna.trial.create_trial(
             state=TrialState.COMPLETE if finite else TrialState.FAIL,
             value=evaluation.value if finite else None,
-            params=unit_cube_params(domains, w),
-            distributions=distributions(domains),
+            params=params,
+            distributions=dists,
             user_attrs=attrs,
             constraints=constraints,
         )
@@ -402,15 +496,25 @@ def record_trial(
     return evaluation.value if finite else float("nan")
 
 
+def uses_unit_cube(study: optuna.Study) -> bool:
+    """Whether the study's trials carry the `u:<domain>` coordinates (a tpe/cmaes study)."""
+    return any(
+        name.startswith("u:")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for name in t.params
+    )
+
+
 # --- exports -------------------------------------------------------------------------------
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One row per completed trial (one per key for queued work), ordered by trial number."""
+    """One row per completed or pruned trial (one per key for queued work), ordered by trial
+    number. A pruned halving candidate's row holds its last rung (`full_budget` false)."""
     domains = study_domains(study)
     rows: list[dict[str, Any]] = []
     seen_keys: set[str] = set()
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     for t in sorted(trials, key=lambda t: t.number):
         attrs = t.user_attrs
         if "metrics" not in attrs:
@@ -431,7 +535,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             # NaN is not JSON; a metric the scorer could not compute is written as null.
             "metrics": {k: v if math.isfinite(v) else None for k, v in attrs["metrics"].items()},
             "budget_tokens": attrs.get("budget_tokens"),
-            "full_budget": attrs.get("full_budget", True),
+            # A pruned trial never competes for best.json, whatever budget it stopped at.
+            "full_budget": attrs.get("full_budget", True) and t.state == TrialState.COMPLETE,
             "cost_s": attrs.get("cost_s"),
         }
         rows.append({k: row[k] for k in ROW_KEYS})

@@ -17,6 +17,7 @@ terms only (the verdict says so).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,12 +102,14 @@ def judge(
 
     from tqdm import tqdm
 
+    started = time.perf_counter()
     scores = {}
     for name, w in tqdm(
         weights.items(), desc="test split", disable=not progress, dynamic_ncols=True
     ):
         scores[name] = scorer.document_scores(w, "test")
 
+    scored_s = time.perf_counter() - started
     calibration = getattr(scorer, "calibration", None)
 
     def full_metrics(name: str, heldout: dict[str, float]) -> dict[str, float]:
@@ -157,7 +160,14 @@ def judge(
         "documents": {d: int(len(s.nll)) for d, s in scores["pick"].items()},
         "tokens": {d: int(s.tokens.sum()) for d, s in scores["pick"].items()},
         "fixed_terms": sorted({k for f in fixed.values() for k in f}),
+        # A calibration is fitted on the search split (validate); here it is applied to
+        # test-split losses, i.e. the proxy-to-real gap is assumed to carry over.
+        "calibration_fitted_on": getattr(calibration, "split", None),
         "settings": settings,
+        "cost_s": {
+            "scoring": round(scored_s, 3),
+            "bootstrap": round(time.perf_counter() - started - scored_s, 3),
+        },
     }
     write_json_atomic(path, verdict)
     return verdict

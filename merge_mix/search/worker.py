@@ -36,14 +36,15 @@ from merge_mix.search.simplex import (
 from merge_mix.search.study import (
     baseline_metrics,
     check_metrics,
-    distributions,
     earlier_holder,
     enqueue_once,
+    record_params,
     requeue,
     result_attrs,
 )
 
 _MAX_REDRAWS = 100
+NOT_FINITE = "objective is not finite"
 
 
 def seed_sequence(*parts: int | str) -> np.random.SeedSequence:
@@ -81,7 +82,8 @@ class Worker:
         self.natural = normalise(scorer.natural_mixture, "scorer.natural_mixture")
         self.prior = dirichlet_prior(self.natural, config.temperature)
         self.caps = config.caps_for(scorer)
-        self.dists = distributions(self.domains) if config.sampler in OPTUNA_SAMPLERS else None
+        # tpe/cmaes learn on u:<domain>, so every trial of theirs records those too.
+        self.unit_cube = config.sampler in OPTUNA_SAMPLERS
         # `restarts` (trials in the study at start) keeps a resumed worker off the draws it
         # already made.
         self.rng = np.random.default_rng(seed_sequence(config.seed, config.worker, restarts))
@@ -98,7 +100,7 @@ class Worker:
         None if another worker finished the queued trial first (possible with SQLite, which
         cannot lock the row Optuna pops)."""
         try:
-            trial = self.study.ask(self.dists)
+            trial = self.study.ask()
             trial.set_user_attr("scored_by", self.config.worker)
         except UpdateFinishedTrialError:
             return None
@@ -169,9 +171,15 @@ class Worker:
         full_budget: bool = True,
         owner: str | None = None,
         extra: dict[str, Any] | None = None,
+        step: int | None = None,
+        finish: bool = True,
     ) -> float:
-        """Score `weights`, record everything on the trial, tell the study; returns the
-        objective (NaN if not finite, and the trial is then FAIL)."""
+        """Score `weights`, record everything on the trial (its `w:<domain>` params included),
+        tell the study; returns the objective (NaN if not finite, and the trial is then FAIL).
+
+        A halving rung passes `step` (the objective becomes the intermediate value of that
+        step, and cost_s sums over steps) and, below the full budget, `finish=False`: the
+        trial stays running for the caller to promote or prune."""
         attrs = {
             "kind": kind,
             "worker": owner or self.config.worker,
@@ -179,13 +187,16 @@ class Worker:
             **(extra or {}),
         }
         # Defaults stay unwritten (readers use .get): every attribute is one storage write.
-        if budget_tokens is not None:
+        # A halving candidate's budget changes between rungs, so a written one is updated.
+        if budget_tokens is not None or "budget_tokens" in trial.user_attrs:
             attrs["budget_tokens"] = budget_tokens
-        if not full_budget:
-            attrs["full_budget"] = False
+        if not full_budget or "full_budget" in trial.user_attrs:
+            attrs["full_budget"] = full_budget
         for key, value in attrs.items():
             if trial.user_attrs.get(key, object()) != value:
                 trial.set_user_attr(key, value)
+        record_params(trial, self.domains, weights, self.unit_cube)
+        spent = trial.user_attrs.get("cost_s", 0.0) if step is not None else 0.0
         start = time.perf_counter()
         try:
             metrics = check_metrics(self.scorer.score(weights, budget_tokens))
@@ -200,22 +211,32 @@ class Worker:
             self.study.tell(trial, state=TrialState.FAIL)
             requeue(self.study, trial.user_attrs, trial.number, self.config.worker)
             raise
-        for key, value in result_attrs(weights, mixture, metrics, evaluation, cost_s).items():
+        recorded = result_attrs(weights, mixture, metrics, evaluation, spent + cost_s)
+        for key, value in recorded.items():
             if self.objective.constraints or key not in ("feasible", "penalty"):
                 trial.set_user_attr(key, value)
         value = evaluation.value
         if not math.isfinite(value):
-            self.abandon(trial, "objective is not finite")
+            self.abandon(trial, NOT_FINITE)
             return math.nan
         if evaluation.violations:
             trial.set_constraint("baseline_tolerance", max(evaluation.violations.values()))
+        if step is not None:
+            trial.report(value, step)
+        if not finish:
+            self.tick(kind)
+            return value
         self.study.tell(trial, value)
         if full_budget and evaluation.feasible:
             self.best = min(self.best, value)
+        self.tick(kind)
+        return value
+
+    def tick(self, kind: str) -> None:
+        """Advance the progress bar by one scored mixture."""
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(best=f"{self.best:.4f}", last=kind, refresh=False)
-        return value
 
     def baseline_for(
         self, kind: str, full_budget: bool, metrics: dict[str, float]

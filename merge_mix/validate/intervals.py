@@ -261,8 +261,8 @@ def component_evidence(pool, plans, tokens: int, component_tokens: int, keep_bas
             continue
         d = pool.domains[int(hot[0])]
         recorded = pool.manifest["components"][d].get("training_mixture")
-        if recorded is None:
-            continue
+        if recorded is None or pool.manifest["components"][d].get("imported"):
+            continue  # an imported component was trained by another recipe, not another seed
         mix = np.array([float(recorded.get(x, 0.0)) for x in pool.domains])
         if np.abs(mix - plan.mixture).max() < 1e-6:
             out.append((i, d))

@@ -44,7 +44,7 @@ from merge_mix.validate.summary import num
 
 FORMAT = "merge-mix-validation"
 FORMAT_VERSION = 2
-DEFAULT_HELDOUT_TOKENS = 16_384  # the CLI's default for eval, search and validate
+DEFAULT_HELDOUT_TOKENS = None  # every search piece: the default of eval, search and validate
 SPLITS = {"judged_on": "test", "calibration_fitted_on": "search"}
 
 
@@ -113,7 +113,7 @@ def validate(
     from merge_mix.merge import effective_mixture
     from merge_mix.model import load_model
     from merge_mix.pool import Pool
-    from merge_mix.proxy import ProxyScorer
+    from merge_mix.proxy import ProxyScorer, stderr_notice
     from merge_mix.validate.calibration import fit_calibration, loo_fidelity
     from merge_mix.validate.intervals import (
         component_evidence,
@@ -155,6 +155,9 @@ def validate(
     lmeval_tasks = list(lmeval_tasks)
     # Checks the task names (one-line error) before anything is trained.
     directions = metric_directions(lmeval_tasks, lmeval_include) if lmeval_tasks else {}
+    if obj is not None and obj.needs_lmeval:
+        # A metric typo fails here, before any proxy is scored or any file is written.
+        obj.check_lmeval_metrics(list(directions))
 
     # --- which mixtures ---
     picks: Mixtures = search_picks(run_dir, domains, top_picks) if run_dir is not None else []
@@ -204,6 +207,7 @@ def validate(
         lmeval_include=lmeval_include,
         lmeval_limit=lmeval_limit,
         verify=verify,
+        notice=stderr_notice,
     )
     test_set = scorer.test_set()
 
