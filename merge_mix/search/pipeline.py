@@ -23,6 +23,9 @@ from merge_mix.objective import Objective
 from merge_mix.search.config import SearchConfig
 from merge_mix.search.gradient import GradientConfig, gradient_search
 
+# Below this many test documents in a domain, the document bootstrap says little.
+MIN_TEST_DOCUMENTS = 10
+
 
 def sampling_at_equal_time(rows: list[dict], seconds: float) -> dict[str, Any] | None:
     """Best full-budget sampler trial found within `seconds` of cumulative scoring time,
@@ -248,6 +251,13 @@ def format_search_summary(summary: dict[str, Any]) -> str:
             " paired bootstrap intervals over documents):"
         )
         lines.append(f"  the pick is {v['sentence']}")
+        few = [d for d, n in v["documents"].items() if n < MIN_TEST_DOCUMENTS]
+        if few:
+            lines.append(
+                f"  warning: {', '.join(few)} has fewer than {MIN_TEST_DOCUMENTS} test documents;"
+                " a bootstrap over so few understates the uncertainty (raise"
+                " data.heldout_fraction)"
+            )
         for name, c in v["comparisons"].items():
             if name == "uniform":
                 continue
