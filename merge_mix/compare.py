@@ -18,12 +18,12 @@ A verdict reads the interval, lower is better (a loss):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from merge_mix.evaluate import DocumentScores
+from merge_mix.evaluate import DocumentScores, metrics_from_documents
 
 N_BOOT = 2000
 CONFIDENCE = 0.95
@@ -75,36 +75,30 @@ def _check_same_documents(scores: Mapping[str, Mapping[str, DocumentScores]]) ->
                 raise ValueError(f"compare: domain {d!r} was scored on different documents")
 
 
-def _metrics(side: Mapping[str, DocumentScores], counts=None) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for d, s in side.items():
-        out.update(s.metrics(d, None if counts is None else counts[d]))
-    return out
-
-
 def compare_models(
     scores: Mapping[str, Mapping[str, DocumentScores]],
-    values: Callable[[dict[str, dict[str, float]]], dict[str, float]],
-    pairs: list[tuple[str, str]],
+    values: Callable[[dict[str, dict[str, float]]], Mapping[Hashable, float]],
+    pairs: list[tuple[Hashable, Hashable]],
     n_boot: int = N_BOOT,
     confidence: float = CONFIDENCE,
     seed: int = 0,
-) -> dict[tuple[str, str], Comparison]:
+) -> dict[tuple[Hashable, Hashable], Comparison]:
     """Compare several models scored on the same documents, in one bootstrap.
 
     `scores` maps a model's name to its per-domain document scores; `values` maps every
     model's held-out metrics (``heldout/<d>/loss`` ...) to its value (one call per
     resample, so a value may depend on another model's metrics on the same resample, as a
-    constraint relative to a baseline does); `pairs` lists the (a, b) differences
-    value(a) - value(b) to report."""
+    constraint relative to a baseline does) and may return values under other keys too
+    (say, one model's loss on one domain); `pairs` lists the (a, b) differences
+    value(a) - value(b) to report, by those keys."""
     _check_same_documents(scores)
     documents = {d: len(s.nll) for d, s in next(iter(scores.values())).items()}
-    point = values({name: _metrics(side) for name, side in scores.items()})
+    point = values({name: metrics_from_documents(side) for name, side in scores.items()})
     counts = resample_counts(documents, n_boot, seed)
     diffs = np.empty((len(pairs), n_boot))
     for i in range(n_boot):
         row = {d: c[i] for d, c in counts.items()}
-        v = values({name: _metrics(side, row) for name, side in scores.items()})
+        v = values({name: metrics_from_documents(side, row) for name, side in scores.items()})
         for j, (a, b) in enumerate(pairs):
             diffs[j, i] = v[a] - v[b]
     tail = (1 - confidence) / 2

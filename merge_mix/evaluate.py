@@ -35,6 +35,7 @@ models can resample documents (a paired bootstrap, `merge_mix.compare`).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -367,10 +368,14 @@ def document_scores(
     return out
 
 
-def metrics_from_documents(scores: dict[str, DocumentScores]) -> dict[str, float]:
+def metrics_from_documents(
+    scores: Mapping[str, DocumentScores], counts: Mapping[str, np.ndarray] | None = None
+) -> dict[str, float]:
+    """Every domain's metrics from its document scores; `counts` (domain -> how often each
+    document is drawn) evaluates a bootstrap resample instead."""
     out: dict[str, float] = {}
     for d, s in scores.items():
-        out.update(s.metrics(d))
+        out.update(s.metrics(d, None if counts is None else counts[d]))
     return out
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from merge_mix.artifacts import write_json_atomic
 from merge_mix.compare import CONFIDENCE, N_BOOT, compare_models, domain_loss, sentence, unit_of
+from merge_mix.evaluate import metrics_from_documents
 from merge_mix.objective import Objective
 
 VERDICT = "verdict.json"
@@ -121,28 +122,26 @@ def judge(
     def values(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
         full = {name: full_metrics(name, m) for name, m in metrics.items()}
         base = full[objective.baseline] if objective.constraints else None
-        return {name: objective.evaluate(m, base).value for name, m in full.items()}
+        out = {name: objective.evaluate(m, base).value for name, m in full.items()}
+        # Per-domain losses of the pick and uniform, judged on the same resamples.
+        for name in ("pick", "uniform"):
+            out.update({(name, d): domain_loss(d)(metrics[name]) for d in domains})
+        return out
 
     others = [n for n in weights if n != "pick"]
     pairs = [("pick", n) for n in others] + [(n, "uniform") for n in others if n != "uniform"]
-    comparisons = compare_models(scores, values, pairs, n_boot, confidence, seed)
+    domain_pairs = [(("pick", d), ("uniform", d)) for d in domains]
+    comparisons = compare_models(scores, values, pairs + domain_pairs, n_boot, confidence, seed)
     unit = unit_of(objective)
-    point = values({n: _heldout(s) for n, s in scores.items()})
-    per_domain = {}
-    for d in domains:
-        c = compare_models(
-            {n: scores[n] for n in ("pick", "uniform")},
-            lambda m, d=d: {n: domain_loss(d)(v) for n, v in m.items()},
-            [("pick", "uniform")],
-            n_boot,
-            confidence,
-            seed,
-        )[("pick", "uniform")]
-        per_domain[d] = {
-            "pick": float(scores["pick"][d].nll.sum() / scores["pick"][d].tokens.sum()),
-            "uniform": float(scores["uniform"][d].nll.sum() / scores["uniform"][d].tokens.sum()),
-            **_entry(c.to_dict(), "uniform", "nats/token"),
+    point = values({n: metrics_from_documents(s) for n, s in scores.items()})
+    per_domain = {
+        d: {
+            "pick": float(point[("pick", d)]),
+            "uniform": float(point[("uniform", d)]),
+            **_entry(comparisons.pop(pair).to_dict(), "uniform", "nats/token"),
         }
+        for d, pair in zip(domains, domain_pairs, strict=True)
+    }
     vs = {}
     for (a, b), c in comparisons.items():
         key = b if a == "pick" else f"{a} vs {b}"
@@ -154,7 +153,7 @@ def judge(
         "trial": best["number"],
         "verdict": headline["verdict"],
         "sentence": headline["sentence"],
-        "objective": {n: float(v) for n, v in point.items()},
+        "objective": {n: float(point[n]) for n in weights},
         "comparisons": vs,
         "per_domain_loss": per_domain,
         "documents": {d: int(len(s.nll)) for d, s in scores["pick"].items()},
@@ -180,10 +179,3 @@ def _entry(c: dict[str, Any], other: str, unit: str) -> dict[str, Any]:
 def _fixed(metrics: Mapping[str, float]) -> dict[str, float]:
     """The metrics a test-split re-score does not reproduce (benchmarks)."""
     return {k: v for k, v in metrics.items() if k.startswith("lmeval/")}
-
-
-def _heldout(scores) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for d, s in scores.items():
-        out.update(s.metrics(d))
-    return out
