@@ -87,7 +87,7 @@ def main() -> None:
     )
     out: dict = {"pool": str(pool.path), "weights": w.tolist()}
 
-    full = merger_for_pool(pool)
+    full = merger_for_pool(pool, stack_dtype="fp32")
     half = merger_for_pool(pool, stack_dtype="bf16")
     ref = {n: t.clone() for n, t in full.merge(w).state_dict().items()}
     got = half.merge(w).state_dict()

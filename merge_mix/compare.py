@@ -139,7 +139,9 @@ def paired_bootstrap(
 
 
 def domain_loss(domain: str) -> Callable[[dict[str, float]], float]:
-    return lambda m: m[f"heldout/{domain}/loss"]
+    """The loss of a domain (or of a target set, keyed ``target/<name>``) in a metrics dict."""
+    key = f"{domain}/loss" if domain.startswith("target/") else f"heldout/{domain}/loss"
+    return lambda m: m[key]
 
 
 def unit_of(objective) -> str:

@@ -25,7 +25,12 @@ import yaml
 from merge_mix.errors import MergeMixError
 
 SOURCE_KINDS = ("builtin", "files", "jsonl", "json", "parquet", "csv", "hf_disk")
-BUILTIN_SOURCES = ("python-stdlib", "c-headers", "config-files", "prose")
+BUILTIN_SOURCES = ("python-stdlib", "c-headers", "config-files", "prose", "pydoc-topics")
+# Built-ins whose contents changed: 2 for prose, which held the pydoc topics until they
+# became their own source (the demo's target set).
+BUILTIN_REVISIONS = {"prose": 2}
+STORAGE_DTYPES = ("float32", "bfloat16")
+"""Dtypes a pool may save its weights in (`TrainingSpec.storage_dtype`)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,9 @@ class SourceSpec:
         for key in ("encoding", "max_file_bytes"):
             if fields[key] is None:
                 del fields[key]
+        revision = BUILTIN_REVISIONS.get(self.location, 1) if self.kind == "builtin" else 1
+        if revision > 1:  # a built-in whose contents changed is a different source
+            fields["revision"] = revision
         return fields
 
 
@@ -169,6 +177,12 @@ class TrainingSpec:
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, about
     a third more compute); the result is the same."""
+    storage_dtype: str = "float32"
+    """Dtype of the weights the pool saves for its base and every component: `float32`, or
+    `bfloat16` (half the disk; a merge's resident stack then follows it when its stack
+    dtype is ``auto``). Training and merging compute in fp32 either way: a member's weights
+    are rounded once, when it is saved, and its recorded held-out losses are those of the
+    saved weights. Frozen with the pool."""
 
 
 @dataclass(frozen=True)
@@ -289,6 +303,8 @@ def _check(spec: PoolSpec, where: str) -> None:
         fail("training.parallel", "must be 'ddp' or 'fsdp'")
     if not isinstance(t.activation_checkpointing, bool):
         fail("training.activation_checkpointing", "must be true or false")
+    if t.storage_dtype not in STORAGE_DTYPES:
+        fail("training.storage_dtype", f"must be {' or '.join(map(repr, STORAGE_DTYPES))}")
     for name in ("warmup_steps", "eval_every", "checkpoint_every", "eval_tokens"):
         if getattr(t, name) < 0:
             fail(f"training.{name}", "must be >= 0")

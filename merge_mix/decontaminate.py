@@ -19,11 +19,20 @@ model has seen. Two checks run over the whole pool when its data is prepared:
   held-out piece over the threshold are dropped instead, so existing splits (and every
   score recorded on them) stay as they are; several new domains are checked together.
 
+- **Search and test apart.** The search split selects mixtures and the test split judges
+  them, so the two must not share text either: documents that nest inside each other (a
+  section also published alone) would otherwise be selected on and judged on at once. A
+  new search piece at least `data.near_duplicate_threshold` covered by test text (any
+  domain's or target set's) is dropped; then a new test piece at least that much covered
+  by the remaining search text is dropped. Test text wins because the verdicts read it.
+  When a pool grows, an existing test piece is never dropped: new search pieces that
+  would cover it past the threshold are dropped instead (`separate_splits`).
+
 Hashes are stable across processes (BLAKE2b of each word, combined polynomially), so the
 training shingles stored per domain (``data/<domain>/train.shingles.npy``) serve later
 growth. What was removed is recorded per domain in ``data.json`` (``corpus``:
 ``cross_domain_duplicates_removed``, ``near_duplicate_heldout_pieces``,
-``near_duplicate_train_pieces``).
+``near_duplicate_train_pieces``, ``search_pieces_in_test``, ``test_pieces_in_search``).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 _MULT = np.uint64(1_099_511_628_211)  # FNV prime: any odd 64-bit constant mixes well
+SPLIT_NAMES = ("search", "test")
 
 
 class Shingler:
@@ -143,6 +153,71 @@ def decontaminate(
         name: union(s for doc in docs for s in doc) for name, docs in train_shingles.items()
     }
     return per_domain, report
+
+
+def separate_splits(
+    splits: Mapping[str, dict[str, list[list[str]]]],
+    threshold: float,
+    shingle_words: int,
+    earlier_search: Iterable[str] = (),
+    earlier_test: Iterable[str] = (),
+) -> dict[str, dict[str, int]]:
+    """Keep search and test text apart: edit, in place, the ``search`` and ``test``
+    documents (lists of pieces) of each new domain or target set in `splits` so that no
+    search piece is `threshold` covered by test text and no test piece by search text,
+    counting the pool's existing held-out pieces (`earlier_search`, `earlier_test`), which
+    are kept as they are. Returns the pieces removed per name."""
+    shingle = Shingler(shingle_words)
+    report = {name: {"search_pieces_in_test": 0, "test_pieces_in_search": 0} for name in splits}
+    new = {
+        name: {split: [[shingle(p) for p in doc] for doc in s[split]] for split in SPLIT_NAMES}
+        for name, s in splits.items()
+    }
+    old_search = union(shingle(p) for p in earlier_search)
+    old_test = [shingle(p) for p in earlier_test]
+
+    def pieces(split):
+        return [s for docs in new.values() for doc in docs[split] for s in doc if s is not None]
+
+    def drop(name, split, i, j, key):
+        new[name][split][i][j] = None
+        report[name][key] += 1
+
+    test_seen = union([*old_test, *pieces("test")])
+    for name, docs in new.items():
+        for i, doc in enumerate(docs["search"]):
+            for j, s in enumerate(doc):
+                if coverage(s, test_seen) >= threshold:
+                    drop(name, "search", i, j, "search_pieces_in_test")
+    for s_old in old_test:  # growth: existing test text stays as it was judged
+        if coverage(s_old, old_search) >= threshold:
+            continue  # covered before this growth
+        while coverage(s_old, union([old_search, *pieces("search")])) >= threshold:
+            name, i, j = max(
+                (
+                    (int(np.isin(s_old, s, assume_unique=True).sum()), name, i, j)
+                    for name, docs in new.items()
+                    for i, doc in enumerate(docs["search"])
+                    for j, s in enumerate(doc)
+                    if s is not None
+                ),
+                key=lambda x: x[0],  # the first of equal overlaps: deterministic
+            )[1:]
+            drop(name, "search", i, j, "search_pieces_in_test")
+    search_seen = union([old_search, *pieces("search")])
+    for name, docs in new.items():
+        for i, doc in enumerate(docs["test"]):
+            for j, s in enumerate(doc):
+                if coverage(s, search_seen) >= threshold:
+                    drop(name, "test", i, j, "test_pieces_in_search")
+    for name, docs in new.items():
+        for split in SPLIT_NAMES:
+            kept = [
+                [p for p, s in zip(doc, sh, strict=True) if s is not None]
+                for doc, sh in zip(splits[name][split], docs[split], strict=True)
+            ]
+            splits[name][split] = [doc for doc in kept if doc]
+    return report
 
 
 def _protect(corpora, shingles, s_old, old, threshold, report) -> None:

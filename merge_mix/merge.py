@@ -16,8 +16,11 @@ as one stacked fp32 matrix ``S[name]`` of shape ``(K + 1, numel)`` per tensor: a
 then one matrix-vector product per tensor written straight into the parameter,
 ``param = c @ S`` with ``c = (1 - sum(w), w_1, ..., w_K)``, a single pass over memory
 with no file written per mixture. The stack lives on the model's device (the GPU when
-the scorer runs there) and is stored in fp32 or, with ``stack_dtype="bf16"``, in bf16
-(half the memory; the merge still accumulates in fp32, see docs/merging.md for the error).
+the scorer runs there) unless the scorer's memory plan puts it in host memory
+(`stack_device`), and is stored in fp32 or bf16 (half the memory; the merge still
+accumulates in fp32, see docs/merging.md for the error). ``stack_dtype="auto"`` (the
+default) picks bf16 when the pool's files are bf16 (``training.storage_dtype``), which a
+bf16 stack holds exactly, and fp32 otherwise.
 With ``stream=True`` nothing but the merged model is resident and each merge opens every
 weight file once and reads every tensor once (which file holds which tensor is read from
 the headers once, at start), for pools whose components do not fit in memory together.
@@ -43,7 +46,7 @@ from merge_mix.errors import MergeMixError
 
 STACK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """Storage dtypes of the resident stack (`Merger(stack_dtype=...)`, ``--stack-dtype``);
-merges accumulate in fp32 either way."""
+merges accumulate in fp32 either way. ``auto`` picks one (`auto_stack_dtype`)."""
 
 # Config keys that differ between identical architectures saved by different runs.
 _CONFIG_IGNORE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
@@ -178,6 +181,31 @@ def resolve_weights(
     return w
 
 
+def check_stack_dtype(stack_dtype: str) -> None:
+    """A one-line error unless `stack_dtype` is ``auto`` or one of `STACK_DTYPES`."""
+    if stack_dtype != "auto" and stack_dtype not in STACK_DTYPES:
+        raise MergeMixError(
+            f"stack_dtype: must be one of auto, {', '.join(STACK_DTYPES)}, not {stack_dtype!r}"
+        )
+
+
+def auto_stack_dtype(model_dirs, keys: set[str] | None = None) -> str:
+    """What ``stack_dtype="auto"`` picks: ``bf16`` when every tensor (every one named in
+    `keys`, if given) of every directory's safetensors files is stored as bf16, so that a
+    bf16 stack holds the files' values exactly; ``fp32`` otherwise. Reads headers only."""
+    from safetensors import safe_open
+
+    for d in model_dirs:
+        for f in sorted(Path(d).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    if keys is not None and key not in keys:
+                        continue
+                    if fh.get_slice(key).get_dtype() != "BF16":
+                        return "fp32"
+    return "bf16"
+
+
 def _config_of(path: Path) -> dict:
     cfg = json.loads((path / "config.json").read_text())
     return {k: v for k, v in cfg.items() if k not in _CONFIG_IGNORE}
@@ -193,20 +221,21 @@ class Merger:
         device: torch.device | str = "cpu",
         keep_base: tuple[str, ...] = (),
         stream: bool = False,
-        stack_dtype: str = "fp32",
+        stack_dtype: str = "auto",
+        stack_device: torch.device | str | None = None,
     ):
         from safetensors import safe_open
 
         from merge_mix.model import load_model
 
-        if stack_dtype not in STACK_DTYPES:
-            raise MergeMixError(
-                f"stack_dtype: must be one of {', '.join(STACK_DTYPES)}, not {stack_dtype!r}"
-            )
+        check_stack_dtype(stack_dtype)
         self.domains = list(component_dirs)
         self.device = torch.device(device)
+        self.stack_device = self.device if stack_device is None else torch.device(stack_device)
+        """Where the resident stack lives: the model's device, or the host when the stack
+        does not fit there (the merged tensors are then copied to the model, P x 4 bytes
+        per merge). Streaming merges stack one tensor at a time on the model's device."""
         self.stream = stream
-        self.stack_dtype = stack_dtype
         self.keep_base = tuple(keep_base)
         base_cfg = _config_of(base_dir)
         for d, path in component_dirs.items():
@@ -234,16 +263,20 @@ class Merger:
         self.merged_names = [
             n for n in self.params if not any(fnmatch.fnmatch(n, pat) for pat in self.keep_base)
         ]
+        if stack_dtype == "auto":
+            merged_keys = {self.file_keys[n] for n in self.merged_names}
+            stack_dtype = auto_stack_dtype([base_dir, *component_dirs.values()], merged_keys)
+        self.stack_dtype = stack_dtype
         self.stacks: dict[str, torch.Tensor] = {}
-        """Per merged tensor, the ``(K + 1, numel)`` stack (base first), on the model's
-        device (the GPU when the scorer runs there), in `stack_dtype`."""
+        """Per merged tensor, the ``(K + 1, numel)`` stack (base first), on `stack_device`,
+        in `stack_dtype`."""
         if not stream:
             dtype = STACK_DTYPES[stack_dtype]
             with self._open_files() as handles:
                 for name in self.merged_names:
-                    rows = [self.params[name].detach().to(dtype).reshape(-1)]
+                    rows = [self.params[name].detach().to(self.stack_device, dtype).reshape(-1)]
                     rows += [
-                        self._get(handles, d, name).to(self.device, dtype).reshape(-1)
+                        self._get(handles, d, name).to(self.stack_device, dtype).reshape(-1)
                         for d in self.domains
                     ]
                     self.stacks[name] = torch.stack(rows)
@@ -297,7 +330,8 @@ class Merger:
     @torch.no_grad()
     def merge(self, weights: np.ndarray | torch.Tensor) -> torch.nn.Module:
         """Set the resident model to ``theta(weights)`` in place and return it."""
-        w = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=self.device)
+        where = self.device if self.stream else self.stack_device
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float32), device=where)
         if w.shape != (len(self.domains),):
             raise MergeMixError(
                 f"weights: expected {len(self.domains)} values, got {tuple(w.shape)}"
@@ -338,7 +372,8 @@ _BF16_CHUNK = 1 << 22
 
 
 def combine(coef: torch.Tensor, stack: torch.Tensor, param: torch.Tensor) -> None:
-    """``param = coef @ stack`` accumulated in fp32 (``coef`` is ``(1, K + 1)`` fp32)."""
+    """``param = coef @ stack`` accumulated in fp32 (``coef`` is ``(1, K + 1)`` fp32, on the
+    stack's device), computed where the stack lives and copied to `param`'s device."""
     if stack.dtype != torch.float32:
         # A bf16 stack is widened per chunk of columns: fp32 arithmetic, bounded memory.
         out = torch.empty(1, stack.shape[1], dtype=torch.float32, device=stack.device)
@@ -346,7 +381,7 @@ def combine(coef: torch.Tensor, stack: torch.Tensor, param: torch.Tensor) -> Non
             hi = lo + _BF16_CHUNK
             torch.mm(coef, stack[:, lo:hi].to(torch.float32), out=out[:, lo:hi])
         param.copy_(out.view_as(param))
-    elif param.dtype == torch.float32 and param.is_contiguous():
+    elif param.dtype == torch.float32 and param.is_contiguous() and param.device == stack.device:
         torch.mm(coef, stack, out=param.view(1, -1))
     else:
         param.copy_((coef @ stack).view_as(param))
@@ -385,7 +420,8 @@ def merger_for_pool(
     keep_base: tuple[str, ...] = (),
     stream: bool = False,
     verify: str = "cached",
-    stack_dtype: str = "fp32",
+    stack_dtype: str = "auto",
+    stack_device: torch.device | str | None = None,
 ):
     """A `Merger` over all of a pool's finished components, after checking the base's and
     every component's weights against their recorded sha256 (`Pool.verify`; `verify` is
@@ -398,6 +434,7 @@ def merger_for_pool(
         keep_base=keep_base,
         stream=stream,
         stack_dtype=stack_dtype,
+        stack_device=stack_device,
     )
     merger.sha256 = hashes
     return merger

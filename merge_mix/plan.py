@@ -137,11 +137,12 @@ def component_recipe(pool_dir: str | Path, domain: str) -> dict[str, Any]:
                 "decay_fraction": t.decay_fraction,
             },
             "precision": t.precision,
+            "storage_dtype": t.storage_dtype,
         },
         "save": (
             "an HF model directory with safetensors weights in the base's dtype"
-            " (save_pretrained(..., safe_serialization=True)); the pool tokenizer files may"
-            " be saved beside them"
+            f" ({t.storage_dtype}, training.storage_dtype; save_pretrained(...,"
+            " safe_serialization=True)); the pool tokenizer files may be saved beside them"
         ),
         "import_command": (
             f"merge-mix pool import {pool_dir} --domain {domain} --model OUT_DIR"

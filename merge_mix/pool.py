@@ -361,6 +361,8 @@ def _check_same_spec(spec: PoolSpec, pool_dir: Path) -> None:
         return
     old = read_json(path)
     new = _frozen_spec(spec)
+    # Pools built before training.storage_dtype existed saved float32.
+    old["frozen"].get("training", {}).setdefault("storage_dtype", "float32")
     for section, names in RUNTIME_FIELDS.items():
         old["frozen"][section] = {
             k: v for k, v in old["frozen"].get(section, {}).items() if k not in names
@@ -395,98 +397,22 @@ def _check_same_spec(spec: PoolSpec, pool_dir: Path) -> None:
             )
 
 
-def _prepare_data(spec: PoolSpec, pool_dir: Path) -> dict:
-    """Corpora, tokenizer and token shards for every spec domain not yet in data.json:
-    read, de-duplicate within and across domains, split into train/search/test by
-    document, remove held-out near-duplicates of training text, tokenize."""
-    from merge_mix.corpus import check_corpus, read_domain, split_domain
-    from merge_mix.decontaminate import (
-        decontaminate,
-        drop_cross_domain_duplicates,
-        load_digests,
-        union,
-    )
-    from merge_mix.targets import prepare_targets, target_texts
-    from merge_mix.tokens import (
-        load_tokenizer,
-        save_tokenizer,
-        token_dtype,
-        train_tokenizer,
-        write_shard,
-    )
+def _prepare_data(
+    spec: PoolSpec, pool_dir: Path, workers: int | None = None, show_progress: bool = False
+) -> dict:
+    """Corpora, tokenizer and token shards for every spec domain not yet in data.json
+    (`merge_mix.data.prepare`: streaming, tokenized in `workers` processes), then the
+    target sets."""
+    from merge_mix.data.prepare import prepare_domains
+    from merge_mix.targets import prepare_targets
 
     data_dir = pool_dir / "data"
     data_path = data_dir / "data.json"
     data = read_json(data_path) if data_path.is_file() else {"domains": {}}
     if data["domains"] and data.get("format_version", 1) < FORMAT_VERSION:
         raise MergeMixError(old_format_message(pool_dir, data.get("format_version", 1)))
-    todo = [d for d in spec.domains if d.name not in data["domains"]]
-    if not todo:
-        return prepare_targets(spec, pool_dir, data)
-    where = {d.name: f"{spec.spec_path}: domains.{d.name}" for d in todo}
-    docs, stats = {}, {}
-    for d in todo:
-        _log(f"[{spec.name}] reading domain {d.name!r}")
-        docs[d.name], stats[d.name] = read_domain(d, where[d.name])
-    earlier = list(data["domains"])
-    earlier_digests = set().union(*(load_digests(data_dir / d / DIGESTS) for d in earlier))
-    cross = drop_cross_domain_duplicates(docs, earlier_digests)
-    corpora = {}
-    for name in docs:
-        stats[name]["cross_domain_duplicates_removed"] = cross[name]
-        corpora[name] = split_domain(name, docs[name], spec.data, stats[name])
-    del docs
-    _log(f"[{spec.name}] removing held-out near-duplicates of training text")
-    earlier_train = union(np.load(data_dir / d / SHINGLES) for d in earlier)
-    earlier_heldout = [
-        json.loads(line)["text"]
-        for d in earlier
-        for split in HELDOUT_SPLITS
-        for line in (data_dir / d / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
-    ]
-    # Target sets are held-out text too: new training pieces must not cover them either.
-    earlier_heldout += target_texts(data_dir, data)
-    shingles, removed = decontaminate(
-        corpora,
-        spec.data.near_duplicate_threshold,
-        spec.data.shingle_words,
-        earlier_train,
-        earlier_heldout,
-    )
-    for name, corpus in corpora.items():
-        corpus.stats.update(removed[name])
-        check_corpus(corpus, where[name])
-    tok_dir = pool_dir / "tokenizer"
-    if not (tok_dir / "tokenizer_config.json").is_file():
-        if spec.tokenizer.path is not None:
-            tokenizer = load_tokenizer(spec.tokenizer.path)
-        else:
-            _log(f"[{spec.name}] training a {spec.tokenizer.vocab_size}-token byte-level BPE")
-            tokenizer = train_tokenizer(
-                {k: v.pieces("train") for k, v in corpora.items()},
-                spec.tokenizer.vocab_size,
-                spec.tokenizer.sample_bytes,
-            )
-        tmp = pool_dir / "tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_tokenizer(tokenizer, tmp)
-        shutil.rmtree(tok_dir, ignore_errors=True)
-        tmp.rename(tok_dir)
-    tokenizer = load_tokenizer(tok_dir)
-    data["token_dtype"] = token_dtype(len(tokenizer)).str
-    data["format_version"] = FORMAT_VERSION
-    for name, corpus in corpora.items():
-        _log(f"[{spec.name}] tokenizing domain {name!r}")
-        out = data_dir / name
-        entry = {"sources_hash": _sources_hash(spec, name), "corpus": corpus.stats}
-        for split in ("train", *HELDOUT_SPLITS):
-            entry[split] = write_shard(
-                tokenizer, corpus.splits[split], out, split, keep_text=split != "train"
-            )
-        np.save(out / SHINGLES, shingles[name])
-        (out / DIGESTS).write_text("".join(f"{h}\n" for h in corpus.digests))
-        data["domains"][name] = entry
-    write_json_atomic(data_path, data)
+    if any(d.name not in data["domains"] for d in spec.domains):
+        data = prepare_domains(spec, pool_dir, data, _sources_hash, workers, show_progress)
     return prepare_targets(spec, pool_dir, data)
 
 
@@ -551,7 +477,7 @@ def _train_member(
     """Train one pool member (base or component) in `work/<name>` and save it to `out_dir`."""
     from merge_mix.model import build_model, count_parameters, load_model
     from merge_mix.tokens import special_ids
-    from merge_mix.train import commit_model, init_distributed, stage_model, train_on_shards
+    from merge_mix.train import commit_model, init_distributed, train_on_shards
 
     rank, world = init_distributed()
     bos, eos = special_ids(tokenizer)
@@ -578,7 +504,7 @@ def _train_member(
     )
     if rank != 0:
         return {}
-    tmp = stage_model(model, out_dir, tokenizer)  # a complete HF model directory on its own
+    tmp = stage_stored(model, out_dir, tokenizer, spec.training.storage_dtype)
     losses = _record_losses(model, heldout, device, spec.training.precision)
     epochs = {
         d: round(result.domain_tokens.get(d, 0) / data["domains"][d]["train"]["tokens"], 4)
@@ -610,10 +536,31 @@ def _train_member(
     return record
 
 
+def stage_stored(model, out_dir: Path, tokenizer, storage_dtype: str = "float32") -> Path:
+    """`stage_model` (a complete HF model directory, ``<out_dir>.tmp``) with the weights
+    saved in `storage_dtype` (``training.storage_dtype``). The model keeps fp32 parameters
+    holding the saved values (rounded to bf16 for ``bfloat16``; buffers untouched), so what
+    is scored next is what was saved."""
+    import torch
+
+    from merge_mix.train import stage_model
+
+    if storage_dtype == "float32":
+        return stage_model(model, out_dir, tokenizer)
+    params = list(model.parameters())  # a tied parameter once
+    for p in params:
+        p.data = p.data.to(torch.bfloat16)
+    try:
+        return stage_model(model, out_dir, tokenizer)
+    finally:
+        for p in params:
+            p.data = p.data.to(torch.float32)
+
+
 def _build_base(spec, pool_dir, data, tokenizer, general, device, step_callback, show_progress):
     from merge_mix.model import check_causal, count_parameters, load_model
     from merge_mix.tokens import special_ids
-    from merge_mix.train import commit_model, stage_model
+    from merge_mix.train import commit_model
 
     base_dir = pool_dir / "base"
     if spec.model.pretrained is not None:
@@ -627,7 +574,8 @@ def _build_base(spec, pool_dir, data, tokenizer, general, device, step_callback,
                 f" {model.get_input_embeddings().num_embeddings} input embeddings of"
                 f" model.pretrained ({spec.model.pretrained})"
             )
-        sha256 = commit_model(stage_model(model, base_dir, tokenizer), base_dir)
+        tmp = stage_stored(model, base_dir, tokenizer, spec.training.storage_dtype)
+        sha256 = commit_model(tmp, base_dir)
         heldout = _heldout_set(pool_dir, list(data["domains"]), spec, special_ids(tokenizer)[0])
         record = {
             "path": "base",
@@ -785,8 +733,10 @@ def build_pool(
     prepare_only: bool = False,
     show_progress: bool = True,
     step_callback: Callable[[str, int], None] | None = None,
+    workers: int | None = None,
 ) -> Pool | None:
-    """Build (or resume, or grow) the pool a spec describes; return it when complete."""
+    """Build (or resume, or grow) the pool a spec describes; return it when complete.
+    `workers`: processes that read and tokenize the data (default: the cores available)."""
     from merge_mix.model import pick_device
     from merge_mix.tokens import load_tokenizer, special_ids
 
@@ -812,7 +762,7 @@ def build_pool(
         _check_same_spec(spec, pool_dir)
         if spec.model.pretrained is not None and not (pool_dir / "base" / "base.json").is_file():
             _check_pretrained_base(spec)
-        data = _prepare_data(spec, pool_dir)
+        data = _prepare_data(spec, pool_dir, workers, show_progress)
         tokenizer = load_tokenizer(pool_dir / "tokenizer")
         bos, eos = special_ids(tokenizer)
         import transformers

@@ -11,8 +11,9 @@ Before anything is copied, the model directory is checked against the pool's bas
 - ``config.json``: the same ``model_type`` and every other field both define equal once both
   are read by transformers (defaults filled in), except bookkeeping (`HARMLESS_CONFIG`);
 - every tensor of its ``*.safetensors`` files (read from the headers, never unpickled): the
-  same names, shapes and dtypes as the base's (a tied alias such as ``lm_head.weight`` may be
-  present or absent); the first mismatch is named in a one-line error;
+  same names, shapes and dtypes as the base's, i.e. the pool's ``training.storage_dtype``
+  (a tied alias such as ``lm_head.weight`` may be present or absent); the first mismatch is
+  named in a one-line error;
 - its tokenizer, when it has one: the same as the pool's (``tokenizer.json`` compared as data,
   otherwise the vocabulary and the encoding of a probe text);
 - the declared training mixture: for a component, the mixture its recipe gives
@@ -202,9 +203,14 @@ def check_tensors(base_dir: Path, model_dir: Path) -> int:
                 f" has {list(shape)}"
             )
         if mdtype != dtype:
+            # A pool holds one dtype (training.storage_dtype); converting is the trainer's
+            # choice to make, since bf16 -> fp32 is exact but fp32 -> bf16 rounds.
+            cast = {"F32": "model.float()", "BF16": "model.to(torch.bfloat16)"}.get(
+                dtype, f"model.to({dtype})"
+            )
             raise MergeMixError(
                 f"{model_dir / mfile}: tensor {name} is {mdtype}, the pool's base stores"
-                f" {dtype}; save the weights in the base's dtype (e.g. model.float() before"
+                f" {dtype}; save the weights in the base's dtype (e.g. {cast} before"
                 " save_pretrained)"
             )
     for name, (_, _, mfile) in model.items():

@@ -34,7 +34,11 @@ class ProxyScorer:
     Evaluation runs in fp32 by default (`precision`), also on GPUs, so proxy scores are
     comparable across machines and with lm-eval's; "auto" uses bf16 autocast on CUDA.
     The pool's weights are checked against their recorded sha256 first (`verify`:
-    ``cached`` or ``full``, see `Pool.weight_problems`)."""
+    ``cached`` or ``full``, see `Pool.weight_problems`).
+
+    `stack_dtype` ``auto`` keeps the resident stack in bf16 when the pool's files are bf16
+    and in fp32 otherwise. `stack_device` ``auto`` puts the stack on the scoring device
+    when it fits there (`memory_plan`), else in host memory; or name a device."""
 
     def __init__(
         self,
@@ -46,7 +50,8 @@ class ProxyScorer:
         keep_base: tuple[str, ...] = (),
         stream: bool = False,
         batch_size: int = 16,
-        stack_dtype: str = "fp32",
+        stack_dtype: str = "auto",
+        stack_device: str = "auto",
         lmeval_tasks: list[str] | None = None,
         lmeval_include: Path | None = None,
         lmeval_limit: int | None = None,
@@ -73,12 +78,18 @@ class ProxyScorer:
         # error when it cannot fit), and announced to `notice` before the first scoring, so
         # that mistakes found before any scoring (weights, caps) stay one-line errors.
         self.memory = memory_plan(
-            self.pool, self.device, stream, stack_dtype, keep_base, batch_size
+            self.pool, self.device, stream, stack_dtype, keep_base, batch_size, stack_device
         )
         self.memory.check()
         self._notice = notice
         self.merger = merger_for_pool(
-            self.pool, self.device, keep_base, stream, verify, stack_dtype=stack_dtype
+            self.pool,
+            self.device,
+            keep_base,
+            stream,
+            verify,
+            stack_dtype=self.memory.stack_dtype,
+            stack_device=self.memory.stack_device,
         )
         if split not in ("search", "test"):
             raise MergeMixError(f"split: must be 'search' or 'test', not {split!r}")
@@ -218,13 +229,15 @@ class ProxyScorer:
         m = self.merger
         if m.stream:
             raise MergeMixError("gradient search needs resident components (not --stream)")
-        coef = m.coefficients(weights.to(torch.float32))
+        # Computed where the stack lives; `.to` carries values (and gradients back) across
+        # devices when the stack is in host memory and the model on the GPU.
+        coef = m.coefficients(weights.to(m.stack_device, torch.float32))
         params = {}
         for name, p in m.params.items():
             if name in m.stacks and m.stacks[name].dtype != torch.float32:
-                params[name] = _StackProduct.apply(coef, m.stacks[name]).view_as(p)
+                params[name] = _StackProduct.apply(coef, m.stacks[name]).view_as(p).to(p.device)
             elif name in m.stacks:
-                params[name] = (coef @ m.stacks[name]).view_as(p)
+                params[name] = (coef @ m.stacks[name]).view_as(p).to(p.device)
             else:
                 params[name] = p.detach()
         return params
@@ -262,7 +275,7 @@ def stderr_notice(message: str) -> None:
 
 @dataclass
 class MemoryPlan:
-    """What a scorer will hold in memory (bytes), the mode, and what the device offers.
+    """What a scorer will hold in memory (bytes), the mode, and what the devices offer.
 
     - stack: ``(K + 1) x P_merged x bytes(stack dtype)`` resident (4 for fp32, 2 for bf16);
       streaming: one tensor's ``(K + 1)`` fp32 rows at a time;
@@ -273,7 +286,10 @@ class MemoryPlan:
     - gradient: the gradient search's one batch with its graph, about
       ``T x layers x (12 h + 3 i + heads x seq_len) x 4`` plus one fp32 copy of the merged
       parameters and its gradient (``2 x P x 4``).
-    Estimates: allocator overhead, the held-out windows and Python are not counted."""
+    Estimates: allocator overhead, the held-out windows and Python are not counted.
+
+    The stack lives on the scoring device when everything fits there, else in host memory
+    when the model and activations still fit on the device (`place_stack`)."""
 
     mode: str
     device: str
@@ -284,30 +300,79 @@ class MemoryPlan:
     available: int | None
     """Free bytes on the device (CUDA: `torch.cuda.mem_get_info`; CPU: MemAvailable of
     /proc/meminfo, or psutil); None when unknown (MPS, other systems)."""
+    stack_device: str = ""
+    """Where the resident stack lives: `device`, or ``cpu`` (host memory) when it does not
+    fit on a GPU (or as the caller asked). Empty means `device`."""
+    stack_dtype: str = "fp32"
+    """The stack's dtype, ``fp32`` or ``bf16`` (``auto`` resolved)."""
+    host_available: int | None = None
+    """Free host bytes, when the stack is in host memory apart from the device."""
+
+    def __post_init__(self) -> None:
+        self.stack_device = self.stack_device or self.device
+
+    @property
+    def split(self) -> bool:
+        """True when the stack lives in host memory and the model on another device."""
+        return self.stack_device != self.device
 
     @property
     def needed(self) -> int:
-        """Stack, model and evaluation activations: what scoring needs."""
-        return self.stack + self.model + self.activations
+        """What scoring needs on the device: model and evaluation activations, and the
+        stack unless it is in host memory."""
+        return self.model + self.activations + (0 if self.split else self.stack)
 
     def describe(self) -> str:
         """One line for stderr."""
         free = "unknown" if self.available is None else _size(self.available)
+        if not self.split:
+            return (
+                f"memory: {self.mode} on {self.device}: stack {_size(self.stack)} + model"
+                f" {_size(self.model)} + activations {_size(self.activations)} ="
+                f" {_size(self.needed)} (gradient search adds {_size(self.gradient)});"
+                f" available {free}"
+            )
+        host = "unknown" if self.host_available is None else _size(self.host_available)
         return (
-            f"memory: {self.mode} on {self.device}: stack {_size(self.stack)} + model"
-            f" {_size(self.model)} + activations {_size(self.activations)} ="
-            f" {_size(self.needed)} (gradient search adds {_size(self.gradient)});"
-            f" available {free}"
+            f"memory: {self.mode} on {self.stack_device}, model on {self.device}: stack"
+            f" {_size(self.stack)} (available {host}); model {_size(self.model)} + activations"
+            f" {_size(self.activations)} = {_size(self.needed)} on {self.device} (gradient"
+            f" search adds {_size(self.gradient)}); available {free}"
         )
 
     def check(self) -> None:
         """A one-line `MergeMixError` when scoring cannot fit in the available memory."""
+        hint = "" if self.mode == "streaming" else "; try --stack-dtype bf16 or --stream"
+        if self.split and self.host_available is not None and self.stack > self.host_available:
+            raise MergeMixError(
+                f"memory: {self.mode} needs {_size(self.stack)} on {self.stack_device},"
+                f" only {_size(self.host_available)} is available{hint}"
+            )
         if self.available is not None and self.needed > self.available:
-            hint = "" if self.mode == "streaming" else "; try --stack-dtype bf16 or --stream"
             raise MergeMixError(
                 f"memory: {self.mode} needs {_size(self.needed)} on {self.device},"
                 f" only {_size(self.available)} is available{hint}"
             )
+
+
+def place_stack(
+    device: torch.device,
+    stack: int,
+    on_device: int,
+    available: int | None,
+    host_available: int | None,
+) -> str:
+    """Where the resident stack goes: the scoring `device` when the stack plus what scoring
+    needs there anyway (`on_device`: model and activations) fits in its `available` bytes
+    (or nothing is known), else ``cpu`` when `device` is a GPU whose memory holds the rest
+    and the host's `host_available` bytes hold the stack (merges then copy each merged
+    tensor to the GPU, P x 4 bytes), else `device` (and `MemoryPlan.check` refuses it)."""
+    if device.type != "cuda" or available is None or stack + on_device <= available:
+        return str(device)
+    host_fits = host_available is None or stack <= host_available
+    if on_device <= available and host_fits:
+        return "cpu"
+    return str(device)
 
 
 def _size(n: int) -> str:
@@ -337,24 +402,24 @@ def memory_plan(
     pool: Pool,
     device: torch.device | str,
     stream: bool = False,
-    stack_dtype: str = "fp32",
+    stack_dtype: str = "auto",
     keep_base: tuple[str, ...] = (),
     batch_size: int = 16,
+    stack_device: str = "auto",
 ) -> MemoryPlan:
     """The memory a `ProxyScorer` over `pool` will need (see `MemoryPlan`), from the base's
-    config and weight-file headers only (nothing is loaded)."""
+    config and the weight files' headers only (nothing is loaded). `stack_dtype` ``auto``
+    is resolved from the files (`merge_mix.merge.auto_stack_dtype`); `stack_device`
+    ``auto`` is decided by `place_stack`, any other value is taken as given."""
     import fnmatch
     import json
 
     from safetensors import safe_open
 
     from merge_mix.evaluate import chunk_positions
-    from merge_mix.merge import STACK_DTYPES
+    from merge_mix.merge import STACK_DTYPES, auto_stack_dtype, check_stack_dtype
 
-    if stack_dtype not in STACK_DTYPES:
-        raise MergeMixError(
-            f"stack_dtype: must be one of {', '.join(STACK_DTYPES)}, not {stack_dtype!r}"
-        )
+    check_stack_dtype(stack_dtype)
     device = torch.device(device)
     cfg = json.loads((pool.base_dir / "config.json").read_text())
     sizes: dict[str, int] = {}
@@ -366,6 +431,9 @@ def memory_plan(
         sizes.pop("lm_head.weight", None)
     total = sum(sizes.values())
     merged = [n for n in sizes if not any(fnmatch.fnmatch(n, p) for p in keep_base)]
+    if stack_dtype == "auto":
+        members = [pool.base_dir, *(pool.component_dir(d) for d in pool.domains)]
+        stack_dtype = auto_stack_dtype(members, set(merged))
     rows = len(pool.domains) + 1
     if stream:
         mode = "streaming"
@@ -383,6 +451,21 @@ def memory_plan(
     head = min(chunk_positions(vocab), tokens) * vocab * 8
     activations = tokens * (4 * h + 2 * inter + heads * seq_len) * 4 + head
     gradient = tokens * layers * (12 * h + 3 * inter + heads * seq_len) * 4 + head + 2 * total * 4
+    available = available_memory(device)
+    host_available = None
+    if stream:
+        where = str(device)
+    elif stack_device == "auto":
+        if device.type == "cuda":
+            host_available = available_memory(torch.device("cpu"))
+        where = place_stack(device, stack, total * 4 + activations, available, host_available)
+    else:
+        try:
+            where = str(torch.device(stack_device))
+        except RuntimeError:
+            raise MergeMixError(f"stack_device: {stack_device!r} is not a torch device") from None
+    if where != str(device) and host_available is None:
+        host_available = available_memory(torch.device(where))
     return MemoryPlan(
         mode=mode,
         device=str(device),
@@ -390,5 +473,8 @@ def memory_plan(
         model=int(total * 4),
         activations=int(activations),
         gradient=int(gradient),
-        available=available_memory(device),
+        available=available,
+        stack_device=where,
+        stack_dtype=stack_dtype,
+        host_available=host_available,
     )

@@ -221,13 +221,13 @@ def _verdict_blocks(
     )
 
     per = test["per_domain_loss"]
-    blocks.append(("h2", "Per-domain loss on the test split: pick vs uniform"))
+    blocks.append(("h2", "Loss per domain and target set on the test split: pick vs uniform"))
     blocks.append(
         (
             "table",
             (
                 [
-                    "domain",
+                    "domain (target/: a target set)",
                     "pick loss (nats/token)",
                     "uniform loss (nats/token)",
                     f"gain (nats/token) [{confidence:.0%} interval]",

@@ -106,8 +106,8 @@ def figure_comparisons(test: Mapping[str, Any]) -> Any:
 
 
 def figure_test_domains(test: Mapping[str, Any]) -> Any:
-    """Per domain on the test split: the pick's and uniform's loss, and the pick's gain over
-    uniform with its paired interval."""
+    """Per domain (and target set) on the test split: the pick's and uniform's loss, and the
+    pick's gain over uniform with its paired interval."""
     per = test["per_domain_loss"]
     domains = list(per)
     x = np.arange(len(domains))
@@ -117,7 +117,7 @@ def figure_test_domains(test: Mapping[str, Any]) -> Any:
     left.plot(x + 0.08, [per[d]["uniform"] for d in domains], "s", label="uniform")
     left.set_xticks(x, domains)
     left.set_xlim(-0.5, len(domains) - 0.5)
-    left.set_xlabel("domain")
+    left.set_xlabel("domain or target set")
     left.set_ylabel("held-out loss (nats/token), test split")
     left.legend(fontsize=8)
     confidence = next(iter(per.values()))["confidence"] if per else 0.95
@@ -134,7 +134,7 @@ def figure_test_domains(test: Mapping[str, Any]) -> Any:
     right.axhline(0.0, color="black", lw=1)
     right.set_xticks(x, domains)
     right.set_xlim(-0.5, len(domains) - 0.5)
-    right.set_xlabel("domain")
+    right.set_xlabel("domain or target set")
     right.set_ylabel(
         f"loss gain over uniform (nats/token),\ntest split, {confidence:.0%} interval; > 0: pick better"
     )

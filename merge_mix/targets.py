@@ -5,13 +5,14 @@ A target set is data the user cares about that is not one of the pool's training
 spec's ``targets:`` section (``name: {sources: [...], max_bytes: N}``) or added to a built
 pool with ``merge-mix pool add-target``, and prepared after the domains:
 
-- read and de-duplicated like a domain (`merge_mix.corpus.read_domain`);
+- read as a stream and de-duplicated and capped like a domain (`merge_mix.data.split`);
+  its kept documents are then held in memory (a target set is held-out text);
 - documents held by any training domain (same SHA-256) are dropped, and so are pieces whose
   word n-grams are covered by the pool's training text at `data.near_duplicate_threshold`
   or more: the rule held-out pieces follow (`merge_mix.decontaminate`). A domain added
   later protects the existing target pieces as it protects held-out pieces;
 - every document is held out: split into ``search`` and ``test`` by content hash
-  (`merge_mix.corpus.heldout_role`, the domains' rule), cut into pieces, pieces under
+  (`merge_mix.data.split.heldout_role`, the domains' rule), cut into pieces, pieces under
   `data.min_doc_bytes` dropped, at most `data.heldout_max_pieces` per document;
 - tokenized with the pool's tokenizer into ``data/targets/<name>/{search,test}.*`` (the
   domains' shard format, with the jsonl text), recorded in ``data/data.json`` under
@@ -32,8 +33,8 @@ import numpy as np
 
 from merge_mix.artifacts import read_json, write_json_atomic
 from merge_mix.config import DataSpec, DomainSpec, PoolSpec
-from merge_mix.corpus import cut_pieces, heldout_role, read_domain
-from merge_mix.decontaminate import Shingler, coverage, load_digests, union
+from merge_mix.data.split import cut_pieces, heldout_role
+from merge_mix.decontaminate import Shingler, coverage, separate_splits, union
 from merge_mix.errors import MergeMixError
 from merge_mix.evaluate import TARGETS_DIR
 
@@ -90,8 +91,9 @@ def prepare_targets(spec: PoolSpec, pool_dir: Path, data: dict) -> dict:
     """Prepare every target set of `spec` not yet in `data` (the pool's ``data.json``,
     updated and written); refuses a target whose sources changed since it was prepared.
     Needs the domains' data and the tokenizer on disk."""
-    from merge_mix.pool import DIGESTS, SHINGLES
-    from merge_mix.tokens import load_tokenizer, write_shard
+    from merge_mix.data.shards import write_shard
+    from merge_mix.data.tokenizer import load_tokenizer
+    from merge_mix.pool import SHINGLES
 
     data_dir = Path(pool_dir) / "data"
     done = data.setdefault("targets", {})
@@ -111,20 +113,41 @@ def prepare_targets(spec: PoolSpec, pool_dir: Path, data: dict) -> dict:
         if not done:
             del data["targets"]
         return data
+    from merge_mix.data.prepare import _earlier_digests, covered_by, read_kept
+
     domains = list(data["domains"])
-    train_digests = set().union(*(load_digests(data_dir / d / DIGESTS) for d in domains))
-    train_shingles = union(np.load(data_dir / d / SHINGLES) for d in domains)
+    earlier_digests = _earlier_digests(data_dir, domains)
+    shingle_paths = [data_dir / d / SHINGLES for d in domains]
     tokenizer = load_tokenizer(Path(pool_dir) / "tokenizer")
     for t in todo:
         where = f"{spec.spec_path}: targets.{t.name}"
-        docs, stats = read_domain(t, where)
+        docs, stats = read_kept(t, spec.data, where)
+        digests = np.array(sorted(docs), dtype="S64")
+        train_digests = {d.decode() for d in digests[np.isin(digests, earlier_digests)]}
+        # The training n-grams these documents could meet, not the whole training set.
+        mine = union(
+            Shingler(spec.data.shingle_words)(p)
+            for text in docs.values()
+            for p in cut_pieces(text, spec.data.max_doc_bytes)
+        )
+        train_shingles = mine[covered_by(mine, shingle_paths)]
         splits, removed = split_target(docs, spec.data, train_digests, train_shingles)
         stats.update(removed)
+        # Selection and judgement on disjoint text, across every held-out set of the pool.
+        earlier = {split: _heldout_texts(data_dir, data, split) for split in SPLITS}
+        apart = separate_splits(
+            {t.name: splits},
+            spec.data.near_duplicate_threshold,
+            spec.data.shingle_words,
+            earlier["search"],
+            earlier["test"],
+        )
+        stats.update(apart[t.name])
         for split in SPLITS:
             if not splits[split]:
                 raise MergeMixError(
                     f"{where}: no {split} text left after de-duplication against the"
-                    " training data (add documents)"
+                    " training data and the other split (add documents)"
                 )
         out = target_dir(data_dir, t.name)
         entry = {"sources_hash": sources_hash(t), "corpus": stats}
@@ -135,12 +158,23 @@ def prepare_targets(spec: PoolSpec, pool_dir: Path, data: dict) -> dict:
     return data
 
 
-def target_texts(data_dir: Path, data: dict) -> list[str]:
-    """Every piece of text of the pool's target sets (both splits): held-out text that
+def _heldout_texts(data_dir: Path, data: dict, split: str) -> list[str]:
+    """The pool's held-out pieces of `split`: every domain's and every target set's
+    prepared so far."""
+    out = [
+        json.loads(line)["text"]
+        for d in data["domains"]
+        for line in (Path(data_dir) / d / f"{split}.jsonl").read_text("utf-8").splitlines()
+    ]
+    return out + target_texts(data_dir, data, (split,))
+
+
+def target_texts(data_dir: Path, data: dict, splits: tuple[str, ...] = SPLITS) -> list[str]:
+    """Every piece of text of the pool's target sets (in `splits`): held-out text that
     training pieces of a domain added later must not cover."""
     out = []
     for name in data.get("targets", {}):
-        for split in SPLITS:
+        for split in splits:
             path = target_dir(data_dir, name) / f"{split}.jsonl"
             out += [json.loads(line)["text"] for line in path.read_text("utf-8").splitlines()]
     return out

@@ -1,6 +1,7 @@
 """lm-eval integration on the tiny pool: generated tasks, our bits-per-byte against
 lm-eval's on the same documents, in-place merges without stale results, and the
-`merge-mix` model type through lm-eval's own command line."""
+`merge-mix` model type through lm-eval's own command line (results folder named after the
+pool and mixture, the device it ran on recorded)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from merge_mix.lmeval import (
     register_model_type,
     rewrite_model_args,
     run_lm_eval_cli,
+    run_name,
 )
 from merge_mix.merge import merger_for_pool
 from merge_mix.pool import Pool
@@ -207,6 +209,34 @@ def test_merge_mix_model_type_rejects_weights_written_with_equals(tiny_pool):
         model_type.create_from_arg_string(f"pool={tiny_pool},weights=code=0.5,prose=0.5")
 
 
+def test_run_names_say_pool_and_mixture():
+    assert run_name("tiny", {"code": 0.5, "c": 0.0, "prose": 0.5}) == (
+        "tiny_weights_code=0.5_c=0_prose=0.5"
+    )
+    third = {"code": 1 / 3, "c": 1 / 3, "prose": 1 / 3}
+    assert run_name("My Pool", third, "mixture") == (
+        "my_pool_mixture_code=0.3333_c=0.3333_prose=0.3333"
+    )
+    kept = run_name("tiny", third, keep_base=["*embed*"])
+    assert kept.startswith("tiny_weights_code=0.3333_c=0.3333_prose=0.3333_keep_base=")
+    assert kept != run_name("tiny", third, keep_base=["*norm*"])
+    # Many domains: cut to 120 characters, the end a hash of the exact values.
+    many = {f"domain_{i}": 1 / 40 for i in range(40)}
+    other = {**many, "domain_0": 1 / 40 + 1e-9}
+    assert len(run_name("tiny", many)) == 120
+    assert run_name("tiny", many)[:111] == run_name("tiny", other)[:111]
+    assert run_name("tiny", many) != run_name("tiny", other)
+
+
+def _expected_auto_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
 def test_merge_mix_model_type_through_lm_eval_cli(
     tiny_pool, tasks_dir, pool, merger, tokenizer, tmp_path, capsys
 ):
@@ -218,16 +248,22 @@ def test_merge_mix_model_type_through_lm_eval_cli(
             "--tasks", "mm_tiny_code_ppl,mm_tiny_prose_choice",
             "--include_path", str(tasks_dir),
             "--limit", str(N_CHOICES),
-            "--batch_size", "16",
-            "--device", "cpu",
             "--output_path", str(out),
         ]
     )  # fmt: skip
     assert code == 0
-    assert "mm_tiny_code_ppl" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "mm_tiny_code_ppl" in captured.out
+    assert "not available" not in captured.err  # no --device given: nothing to fall back from
+    # The folder is named after the pool and the mixture, not at random.
     (path,) = out.glob("**/results_*.json")
+    assert path.parent == out / "tiny_weights_code=0.5_c=0_prose=0.5"
     saved = json.loads(path.read_text())
+    assert saved["model_name"] == "tiny_weights_code=0.5_c=0_prose=0.5"
     assert saved["config"]["merge_weights"] == {"code": 0.5, "c": 0.0, "prose": 0.5}
+    # What the run used, not lm-eval's command-line defaults (cuda:0, batch size 1).
+    assert saved["config"]["device"] == _expected_auto_device()
+    assert str(saved["config"]["batch_size"]) == "16"
     # Both pairs reached the merge: the same numbers as merging 50/50 ourselves.
     model = merger.merge(np.array([0.5, 0.0, 0.5]))
     ours = evaluate_tasks(
@@ -238,3 +274,31 @@ def test_merge_mix_model_type_through_lm_eval_cli(
     assert got == pytest.approx(ours["lmeval/mm_tiny_code_ppl/bits_per_byte"], rel=1e-9)
     got = saved["results"]["mm_tiny_prose_choice"]["acc,none"]
     assert got == pytest.approx(ours["lmeval/mm_tiny_prose_choice/acc"])
+
+
+def test_lm_eval_cli_records_the_device_it_fell_back_to(tiny_pool, tasks_dir, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    out = tmp_path / "out"
+    code = run_lm_eval_cli(
+        [
+            "--model", "merge-mix",
+            "--model_args", f"pool={tiny_pool},mixture=uniform",
+            "--tasks", "mm_tiny_code_ppl",
+            "--include_path", str(tasks_dir),
+            "--limit", "2",
+            "--device", "cuda:0",
+            "--output_path", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert "note: device cuda:0 is not available; using auto" in capsys.readouterr().err
+    (path,) = out.glob("**/results_*.json")
+    assert path.parent.name == "tiny_mixture_code=0.3333_c=0.3333_prose=0.3333"
+    saved = json.loads(path.read_text())
+    assert saved["config"]["device"] == _expected_auto_device() != "cuda:0"
+    assert saved["config"]["effective_mixture"] == pytest.approx(
+        {"code": 1 / 3, "c": 1 / 3, "prose": 1 / 3}
+    )

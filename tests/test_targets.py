@@ -240,3 +240,59 @@ def test_a_builtin_task_without_its_dataset_says_so(tiny_pool, tmp_path, monkeyp
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MergeMixError, match="arc_easy: dataset not available: it is not in"):
         evaluate_tasks(None, None, ["arc_easy"], include_path=tmp_path)
+
+
+def test_search_and_test_text_are_kept_apart():
+    """A section published alone and inside a longer document (pydoc's `if` inside
+    `compound`): whichever split each lands in, selection and judgement never share it."""
+    from merge_mix.decontaminate import separate_splits
+
+    section = " ".join(f"if{i}" for i in range(100))
+    rest = " ".join(f"loop{i}" for i in range(40))
+    whole = section + " " + rest  # the section is 71% of the whole
+    other = " ".join(f"x{i}" for i in range(50))
+    # Section in search, whole in test: the search piece is covered by test text; dropped.
+    splits = {"t": {"search": [[section], [other]], "test": [[whole]]}}
+    report = separate_splits(splits, 0.5, 8)
+    assert splits["t"] == {"search": [[other]], "test": [[whole]]}
+    assert report["t"] == {"search_pieces_in_test": 1, "test_pieces_in_search": 0}
+    # Whole in search, section in test: the search piece is 71% test text; dropped (test
+    # text wins, the verdicts read it).
+    splits = {"t": {"search": [[whole]], "test": [[section], [other]]}}
+    report = separate_splits(splits, 0.5, 8)
+    assert splits["t"] == {"search": [], "test": [[section], [other]]}
+    assert report["t"] == {"search_pieces_in_test": 1, "test_pieces_in_search": 0}
+    # A test piece inside a long search piece (29% of it): the test piece goes.
+    splits = {"t": {"search": [[whole]], "test": [[rest]]}}
+    report = separate_splits(splits, 0.5, 8)
+    assert splits["t"] == {"search": [[whole]], "test": []}
+    assert report["t"] == {"search_pieces_in_test": 0, "test_pieces_in_search": 1}
+    # Growth: an existing test piece stays as it was judged; the new search piece that
+    # covers it goes, and a new test piece covered by existing search text goes too.
+    seen = " ".join(f"seen{i}" for i in range(60))
+    splits = {"new": {"search": [[whole], [other]], "test": [[seen + " tail"]]}}
+    report = separate_splits(splits, 0.5, 8, earlier_search=[seen], earlier_test=[rest])
+    assert splits["new"] == {"search": [[other]], "test": []}
+    assert report["new"] == {"search_pieces_in_test": 1, "test_pieces_in_search": 1}
+
+
+def test_built_pools_share_no_text_between_search_and_test(target_pool):
+    from merge_mix.decontaminate import Shingler, coverage, union
+
+    data_dir = target_pool / "data"
+    data = json.loads((data_dir / "data.json").read_text())
+    dirs = [data_dir / d for d in data["domains"]]
+    dirs += [data_dir / "targets" / t for t in data["targets"]]
+    shingle = Shingler(8)
+    text = {
+        split: [
+            json.loads(line)["text"]
+            for d in dirs
+            for line in (d / f"{split}.jsonl").read_text().splitlines()
+        ]
+        for split in ("search", "test")
+    }
+    search = union(shingle(p) for p in text["search"])
+    test = union(shingle(p) for p in text["test"])
+    assert max(coverage(shingle(p), search) for p in text["test"]) < 0.5
+    assert max(coverage(shingle(p), test) for p in text["search"]) < 0.5

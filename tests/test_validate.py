@@ -750,3 +750,39 @@ def test_weak_points_say_where_calibration_helps_and_where_it_hurts(validated):
     ]
     result["verdict"].update(mean_loss_spearman=0.95, mean_loss_spearman_calibrated=0.80)
     assert any("do not use --calibrated with this pool" in line for line in weak_points(result))
+
+
+def test_fidelity_on_a_target_set(validated, tmp_path):
+    """A target set added to a validated pool is judged like a domain (its own fidelity row
+    and regret interval, out of the mean), and an objective naming it is validated too;
+    the references are reused, none trained."""
+    import sysconfig
+    from pathlib import Path
+
+    from merge_mix.config import DomainSpec, SourceSpec
+    from merge_mix.targets import add_target
+
+    pool = tmp_path / "pool"
+    shutil.copytree(validated[0], pool)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    glob = str(stdlib / "http" / "*.py")
+    add_target(pool, DomainSpec("web", (SourceSpec("files", glob),)))
+    before = _weights_mtimes(pool)
+    result = validate(pool, out_dir=tmp_path / "out", objective="target-set:web", **COMMON)
+    assert [m["status"] for m in result["mixtures"]] == ["reused"] * 6
+    assert _weights_mtimes(pool) == before
+    key = "target/web/loss"
+    raw = result["fidelity"]["raw"]["targets"]
+    assert key in raw and "objective" in raw
+    # The objective is the target set's loss: the same ranking, the same numbers.
+    assert raw["objective"]["spearman"]["value"] == raw[key]["spearman"]["value"]
+    for m in result["mixtures"]:
+        assert m["real"][key] == pytest.approx(m["real"]["objective"])
+        assert m["real"][key] > 0
+    # The mean over domains does not include the target set.
+    m = result["mixtures"][0]
+    domains = [m["real"][f"heldout/{d}/loss"] for d in ("code", "c", "prose")]
+    assert m["real"]["mean_loss"] == pytest.approx(np.mean(domains))
+    assert key in result["fidelity"]["calibrated"]["targets"]
+    summary = format_summary(result)
+    assert "target set web" in summary

@@ -103,7 +103,8 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
-    # safetensors only, no remote code, fp32 weights (the pool's dtype); bf16 autocast on CUDA.
+    # safetensors only, no remote code, fp32 weights (trained in fp32 whatever the pool
+    # stores); bf16 autocast on CUDA.
     model = AutoModelForCausalLM.from_pretrained(
         recipe["init_from"],
         local_files_only=True,
@@ -169,6 +170,8 @@ def main() -> None:
         tmp = args.out.with_name(args.out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.eval()
+        if t.get("storage_dtype") == "bfloat16":  # the pool's dtype (training.storage_dtype)
+            model.to(torch.bfloat16)
         model.save_pretrained(str(tmp), safe_serialization=True)
         # The pool tokenizer beside the weights: `pool import` checks it is the pool's.
         for f in Path(recipe["tokenizer"]).iterdir():

@@ -74,6 +74,8 @@ def judge(
     best = json.loads((run_dir / "best.json").read_text())
     domains = list(scorer.domains)
     k = len(domains)
+    # Per-set verdicts cover the target sets too (keyed target/<name>), after the domains.
+    judged = domains + [f"target/{t}" for t in getattr(scorer, "targets", ())]
     weights: dict[str, np.ndarray] = {
         "pick": np.asarray([best["merge_weights"][d] for d in domains]),
         "uniform": np.full(k, 1.0 / k),
@@ -125,12 +127,12 @@ def judge(
         out = {name: objective.evaluate(m, base).value for name, m in full.items()}
         # Per-domain losses of the pick and uniform, judged on the same resamples.
         for name in ("pick", "uniform"):
-            out.update({(name, d): domain_loss(d)(metrics[name]) for d in domains})
+            out.update({(name, d): domain_loss(d)(metrics[name]) for d in judged})
         return out
 
     others = [n for n in weights if n != "pick"]
     pairs = [("pick", n) for n in others] + [(n, "uniform") for n in others if n != "uniform"]
-    domain_pairs = [(("pick", d), ("uniform", d)) for d in domains]
+    domain_pairs = [(("pick", d), ("uniform", d)) for d in judged]
     comparisons = compare_models(scores, values, pairs + domain_pairs, n_boot, confidence, seed)
     unit = unit_of(objective)
     point = values({n: metrics_from_documents(s) for n, s in scores.items()})
@@ -140,7 +142,7 @@ def judge(
             "uniform": float(point[("uniform", d)]),
             **_entry(comparisons.pop(pair).to_dict(), "uniform", "nats/token"),
         }
-        for d, pair in zip(domains, domain_pairs, strict=True)
+        for d, pair in zip(judged, domain_pairs, strict=True)
     }
     vs = {}
     for (a, b), c in comparisons.items():

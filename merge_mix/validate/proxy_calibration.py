@@ -50,6 +50,8 @@ def calibrated_key(target: str) -> str:
         return "calibrated/objective"
     if target.startswith("heldout/"):
         return "calibrated/" + target.removeprefix("heldout/")
+    if target.startswith("target/"):  # a target set's loss: calibrated/target/<name>/loss
+        return "calibrated/" + target
     return f"calibrated/{target.removesuffix('_loss')}/loss"
 
 

@@ -130,7 +130,8 @@ def _sections(result: Mapping[str, Any], images: list[str]) -> list[tuple[str, A
             target_name(t),
             f"{result['loo'][t]['raw']['rmse']:.4f}",
             f"{result['loo'][t]['calibrated']['rmse']:.4f}",
-            result["calibration"]["fit"]["targets"][t]["form"],
+            # Target sets are calibrated leave-one-out only, not in the pool's calibration.
+            result["calibration"]["fit"]["targets"].get(t, {}).get("form", "(LOO only)"),
         ]
         for t in targets
         if t in result["loo"]

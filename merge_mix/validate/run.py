@@ -108,7 +108,12 @@ def validate(
     from tqdm.auto import tqdm
 
     from merge_mix.artifacts import library_versions
-    from merge_mix.evaluate import document_scores, metrics_from_documents
+    from merge_mix.evaluate import (
+        TARGET_PREFIX,
+        document_scores,
+        metric_prefix,
+        metrics_from_documents,
+    )
     from merge_mix.lmeval import metric_directions, task_sizes
     from merge_mix.merge import effective_mixture
     from merge_mix.model import load_model
@@ -229,9 +234,11 @@ def validate(
     ]
     labels = [p.label for p in plans]
     keys = [loss_key(d) for d in domains]
-    loss_targets = [*keys, MEAN_TARGET, WORST_TARGET]
-    proxy = _loss_arrays(proxy_metrics, keys)
-    proxy_fit = _loss_arrays(proxy_search, keys)
+    # Target sets are judged like domains, but stay out of the mean and worst domain.
+    set_keys = [f"{metric_prefix(TARGET_PREFIX + t)}/loss" for t in pool.targets]
+    loss_targets = [*keys, MEAN_TARGET, WORST_TARGET, *set_keys]
+    proxy = _loss_arrays(proxy_metrics, keys, set_keys)
+    proxy_fit = _loss_arrays(proxy_search, keys, set_keys)
     obj_baseline = None
     if obj is not None:
         obj_baseline = baselines.get(obj.baseline)
@@ -279,8 +286,8 @@ def validate(
     real_metrics = [_test_metrics(docs, m) for docs, m in zip(real_docs, real_search, strict=True)]
 
     # --- fidelity on test, raw and leave-one-out calibrated (fitted on search) ---
-    real = _loss_arrays(real_metrics, keys)
-    real_fit = _loss_arrays(real_search, keys)
+    real = _loss_arrays(real_metrics, keys, set_keys)
+    real_fit = _loss_arrays(real_search, keys, set_keys)
     common = dict(baselines=baselines, domain_targets=keys, n_boot=n_boot, seed=seed)
     loo = loo_fidelity(
         weights,
@@ -320,10 +327,13 @@ def validate(
         sizes = task_sizes(lmeval_tasks, lmeval_include, lmeval_limit)
         for b in bench:
             bench_table["targets"][b]["resolution"] = _resolution(b, real_bench[b], sizes)
+    # The pool's calibration (read by `search --calibrated`) covers the domains: a target
+    # set added later must not invalidate it. Target sets are calibrated leave-one-out above.
+    fitted = [*keys, MEAN_TARGET, WORST_TARGET]
     calibration = fit_calibration(
         weights,
-        {t: proxy_fit[t] for t in loss_targets},
-        {t: real_fit[t] for t in loss_targets},
+        {t: proxy_fit[t] for t in fitted},
+        {t: real_fit[t] for t in fitted},
         domains,
     )
     drift = pool_drift(pool)
@@ -517,10 +527,14 @@ def validate(
     return result
 
 
-def _loss_arrays(metrics: Sequence[Mapping[str, float]], keys: Sequence[str]):
-    """Per-domain losses as arrays over mixtures, with their mean and worst domain."""
+def _loss_arrays(
+    metrics: Sequence[Mapping[str, float]], keys: Sequence[str], set_keys: Sequence[str] = ()
+):
+    """Per-domain losses as arrays over mixtures, with their mean and worst domain, and
+    the target sets' losses (`set_keys`, not in the mean or worst)."""
     out = {k: np.array([m[k] for m in metrics]) for k in keys}
     out.update(aggregate_targets(out))
+    out.update({k: np.array([m[k] for m in metrics]) for k in set_keys})
     return out
 
 
@@ -609,7 +623,7 @@ def _metric_arrays(
     their own keys, and every loss target under its ``calibrated/...`` key too."""
     arrays = {k: np.array([m[k] for m in metrics]) for k in metrics[0]}
     for t in loss_targets:
-        if t.startswith("heldout/"):
+        if t.startswith(("heldout/", "target/")):
             arrays[t] = np.asarray(losses[t])
         arrays[calibrated_key(t)] = np.asarray(losses[t])
     return arrays

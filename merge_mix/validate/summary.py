@@ -30,6 +30,8 @@ def target_name(target: str) -> str:
         return "objective"
     if target.startswith("lmeval/"):
         return target.removeprefix("lmeval/")
+    if target.startswith("target/"):  # a target set: target/<name>/loss
+        return "target set " + target.split("/")[1]
     return target.split("/")[1]
 
 
