@@ -34,12 +34,14 @@ def padded_nll(model, windows, n_windows: int, batch_size: int = 16) -> np.ndarr
     return out
 
 
-def mixed_windows(pool, pieces: int = 200, seed: int = 0):
+def mixed_windows(pool, pieces: int = 200, seed: int = 0, seq_len: int | None = None):
     """Windows of `pieces` pieces of 3 to 2.5 x seq_len tokens cut from the pool's search
-    split (pieces of mixed lengths, as real documents are)."""
+    split (pieces of mixed lengths, as real documents are); `seq_len` defaults to the
+    pool's."""
     from merge_mix.evaluate import DomainWindows, rolling_windows
     from merge_mix.tokens import Shard
 
+    seq_len = seq_len or pool.seq_len
     rng = np.random.default_rng(seed)
     tokens = np.concatenate(
         [
@@ -49,11 +51,11 @@ def mixed_windows(pool, pieces: int = 200, seed: int = 0):
         ]
     )
     inputs, labels, ends, lo = [], [], [], 0
-    sizes = rng.integers(3, int(2.5 * pool.seq_len), size=pieces)
+    sizes = rng.integers(3, int(2.5 * seq_len), size=pieces)
     for n in sizes:
         chunk = tokens[lo % (len(tokens) - n) :][:n]
-        for inp, lab in rolling_windows(chunk, pool.bos_id, pool.seq_len):
-            pad = pool.seq_len - len(inp)
+        for inp, lab in rolling_windows(chunk, pool.bos_id, seq_len):
+            pad = seq_len - len(inp)
             inputs.append(np.pad(inp, (0, pad), constant_values=pool.bos_id))
             labels.append(np.pad(lab, (0, pad), constant_values=-100))
         ends.append(len(inputs))

@@ -48,10 +48,12 @@ SPLIT_NAMES = ("search", "test")
 
 
 class Shingler:
-    """Word n-gram hashes of texts; caches word hashes across calls."""
+    """Word n-gram hashes of texts; caches word hashes across calls (at most
+    `max_cached` words, so a stream of many distinct words keeps bounded memory)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, max_cached: int = 1_000_000):
         self.n = n
+        self.max_cached = max_cached
         self._words: dict[str, int] = {}
 
     def _word(self, word: str) -> int:
@@ -63,15 +65,25 @@ class Shingler:
 
     def __call__(self, text: str) -> np.ndarray:
         """The sorted unique shingle hashes of `text` (uint64; empty for blank text)."""
+        return np.unique(self.hashes(text))
+
+    def hashes(self, text: str) -> np.ndarray:
+        """The shingle hashes of `text` in text order, repeats included (a union of many
+        texts needs one `np.unique` over all of them, not one per text)."""
         words = text.split()
         if not words:
             return np.zeros(0, dtype=np.uint64)
-        ids = np.fromiter((self._word(w) for w in words), dtype=np.uint64, count=len(words))
+        cache = self._words
+        if len(cache) > self.max_cached:
+            cache.clear()
+        for w in set(words).difference(cache):
+            self._word(w)
+        ids = np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
         m = max(1, len(ids) - self.n + 1)
         h = np.zeros(m, dtype=np.uint64)
         for j in range(min(self.n, len(ids))):
             h = h * _MULT + ids[j : j + m]
-        return np.unique(h)
+        return h
 
 
 def union(arrays: Iterable[np.ndarray]) -> np.ndarray:

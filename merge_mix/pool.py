@@ -877,6 +877,11 @@ def format_pool_table(pool_dir: Path) -> str:
                 else f"{'-':>11}{'-':>12}"
             )
         )
+    for t, entry in m.get("targets", {}).items():  # evaluation only: no train split
+        held = "".join(
+            f"{entry[s]['tokens']:>12,} ({entry[s]['documents']:>5,})" for s in HELDOUT_SPLITS
+        )
+        lines.append(f"{t:<14}{'target set':>11}{held}{'-':>11}{'-':>12}")
     lines.append("")
     lines.append(
         "held-out loss (nats/token) on the search split, first training.eval_tokens tokens"

@@ -113,10 +113,10 @@ def prepare_targets(spec: PoolSpec, pool_dir: Path, data: dict) -> dict:
         if not done:
             del data["targets"]
         return data
-    from merge_mix.data.prepare import _earlier_digests, covered_by, read_kept
+    from merge_mix.data.prepare import covered_by, pool_digests, read_kept
 
     domains = list(data["domains"])
-    earlier_digests = _earlier_digests(data_dir, domains)
+    earlier_digests = pool_digests(data_dir, domains)
     shingle_paths = [data_dir / d / SHINGLES for d in domains]
     tokenizer = load_tokenizer(Path(pool_dir) / "tokenizer")
     for t in todo:

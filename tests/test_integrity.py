@@ -382,10 +382,10 @@ def test_disk_full_during_export_is_one_line_and_leaves_nothing(pool_copy, tmp_p
 def test_disk_full_during_a_build_is_one_line_and_not_complete(
     tiny_spec_path, tmp_path, monkeypatch
 ):
-    def full(tokenizer, pieces, out, split, keep_text):
-        raise OSError(errno.ENOSPC, "No space left on device", str(out / f"{split}.tokens"))
+    def full(writer, tokens, rows):
+        raise OSError(errno.ENOSPC, "No space left on device", str(writer.out_dir / "train.tokens"))
 
-    monkeypatch.setattr("merge_mix.tokens.write_shard", full)
+    monkeypatch.setattr("merge_mix.data.shards.ShardWriter.add", full)
     spec = tiny_spec_dict(tiny_spec_path.parent, output=str(tmp_path / "p"))
     line = _one_error_line(_train(write_spec(tmp_path, spec)))
     assert "train.tokens: disk full" in line

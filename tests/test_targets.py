@@ -162,6 +162,35 @@ def test_search_for_a_target_set_is_judged_with_intervals(target_pool, tmp_path)
     assert best["objective"] == pytest.approx(best["metrics"]["target/docs/loss"])
 
 
+def test_a_target_set_objective_picks_another_mixture_than_mean_loss(target_pool, tmp_path):
+    """The target set (the http package: Python code) pulls the pick to the code component;
+    mean loss over code, c and prose does not. Same candidates for both (the baselines and
+    pure components, sampled mixtures after), the verdict covers the target set too."""
+    from merge_mix.objective import load_objective
+    from merge_mix.search.config import SearchConfig
+    from merge_mix.search.pipeline import search_pool
+
+    domains = ["code", "c", "prose"]
+    picks = {}
+    for preset in ("target-set:docs", "mean_loss"):
+        run = tmp_path / preset.replace(":", "-")
+        search_pool(
+            target_pool,
+            load_objective(preset, domains, targets=["docs"]),
+            SearchConfig(n_trials=6, surrogate=False, progress=False),
+            run,
+            None,
+            {"device": "cpu"},
+        )
+        picks[preset] = json.loads((run / "best.json").read_text())
+        verdict = json.loads((run / "verdict.json").read_text())
+        assert list(verdict["per_domain_loss"]) == [*domains, "target/docs"]
+    target, mean = picks["target-set:docs"], picks["mean_loss"]
+    assert target["merge_weights"] != mean["merge_weights"]
+    assert max(target["merge_weights"], key=target["merge_weights"].get) == "code"
+    assert target["metrics"]["target/docs/loss"] < mean["metrics"]["target/docs/loss"]
+
+
 def test_add_target_command(target_pool, tmp_path):
     from merge_mix.pool import Pool
 

@@ -11,6 +11,7 @@ Run as `merge-mix ...` or `python -m merge_mix.cli ...` (e.g. under torchrun).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 
@@ -62,6 +63,22 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+class _EchoHandler(logging.Handler):
+    """The library's log records (`logging`, logger ``merge_mix``), INFO and up, on stderr
+    through click (so a test runner's captured stderr sees them too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("merge_mix")
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="merge-mix")
 def main() -> None:
@@ -74,6 +91,7 @@ def main() -> None:
       merge-mix pool show pools/demo               # what is in it
     Or all of it on the built-in demo: merge-mix demo
     """
+    _log_to_stderr()
 
 
 # One module per command group. They import only click at the top (each command imports its

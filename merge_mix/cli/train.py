@@ -28,10 +28,21 @@ from merge_mix.cli.pool import pool_summary
     help="Build data, tokenizer and base, then stop (run this once before fanning out "
     "components with --only, e.g. under torchrun).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes that read and tokenize the data  [default: the cores available].",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @json_option("the pool as JSON (as `pool show --json`; null before it has a manifest)")
 def train_components(
-    spec: Path, only: tuple[str, ...], prepare_only: bool, quiet: bool, as_json: bool
+    spec: Path,
+    only: tuple[str, ...],
+    prepare_only: bool,
+    workers: int | None,
+    quiet: bool,
+    as_json: bool,
 ) -> None:
     """Build the pool SPEC describes: corpora, tokenizer, shared base, one component per domain.
 
@@ -44,7 +55,11 @@ def train_components(
 
     pool_spec = load_spec(spec)
     pool = build_pool(
-        pool_spec, only=list(only) or None, prepare_only=prepare_only, show_progress=not quiet
+        pool_spec,
+        only=list(only) or None,
+        prepare_only=prepare_only,
+        show_progress=not quiet,
+        workers=workers,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -247,12 +247,16 @@ def open_study(
     )
     attrs = study.user_attrs
     if "domains" not in attrs:
-        study.set_user_attr("domains", list(domains))
-        study.set_user_attr("objective", _fingerprint(objective))
+        # "domains" is written last: it marks the study's identity complete, so a worker
+        # opening the study meanwhile never sees domains without the objective. Two
+        # workers creating it at once write the same values; a differing objective is
+        # caught by the check below, on the values as stored.
         from merge_mix import __version__
 
+        study.set_user_attr("objective", _fingerprint(objective))
         study.set_user_attr("merge_mix_version", __version__)
-        return _named(study, objective)
+        study.set_user_attr("domains", list(domains))
+        attrs = study.user_attrs
     if list(attrs["domains"]) != list(domains):
         raise MergeMixError(
             f"study {study_name!r} in {where} is for domains {attrs['domains']}, not "

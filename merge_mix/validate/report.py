@@ -6,7 +6,8 @@ Files written into the output directory (each atomically):
   references.csv           one row per mixture: reference, weights, mixture, proxy/real losses
   calibration.json         the calibration fitted on these references (see proxy_calibration.py)
   report.md, report.html   the same sections; the HTML embeds its plots as base64 PNG
-  scatter_*.png            proxy vs real per target, raw and leave-one-out calibrated
+  scatter_*.png            proxy vs real per target (domains, mean, worst, target sets,
+                           objective), raw and leave-one-out calibrated
   scatter_benchmarks.png   proxy vs real for every lm-eval metric (with --tasks)
   gap_vs_entropy.png       proxy-minus-real mean loss against the entropy of the merge weights
 
@@ -384,7 +385,12 @@ def write_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     images: dict[str, bytes] = {}
     for t in result["targets"]:
-        name = f"scatter_{'domain_' + target_name(t) if t.startswith('heldout/') else t}.png"
+        if t.startswith("heldout/"):
+            name = f"scatter_domain_{target_name(t)}.png"
+        elif t.startswith("target/"):  # target/<name>/loss: a flat file name
+            name = f"scatter_target_set_{t.split('/')[1]}.png"
+        else:
+            name = f"scatter_{t}.png"
         images[name] = plot_scatter(result, t, out_dir / name)
     if result.get("benchmark_targets"):
         images["scatter_benchmarks.png"] = plot_benchmarks(

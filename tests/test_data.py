@@ -1,0 +1,252 @@
+"""The streaming data stage (`merge_mix.data`): readers, splits from digests, workers,
+resume after an interrupt, and no domain held in memory whole."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_spec
+
+from merge_mix.config import SourceSpec, load_spec
+from merge_mix.errors import MergeMixError
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TEXTS = [f"document {i}\n" + "word " * (i + 3) for i in range(7)]
+
+
+def _source(kind: str, location: Path, **extra) -> SourceSpec:
+    return SourceSpec(kind=kind, location=str(location), **extra)
+
+
+def _stream(src: SourceSpec) -> list[str]:
+    from merge_mix.data.sources import source_documents
+
+    docs = source_documents(src, "src")
+    assert iter(docs) is docs  # a generator, not a list
+    return list(docs)
+
+
+def test_every_source_kind_streams_its_documents_in_order(tmp_path):
+    rows = [{"text": t, "id": i} for i, t in enumerate(TEXTS)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    with (tmp_path / "a.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for i, t in enumerate(TEXTS):
+        (tmp_path / f"f{i}.txt").write_text(t)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Three row groups: the reader goes through them one batch at a time.
+    pq.write_table(pa.table({"text": TEXTS, "id": list(range(7))}), tmp_path / "a.parquet", 3)
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": TEXTS}).save_to_disk(str(tmp_path / "hf"))
+
+    for kind, path in [
+        ("jsonl", "a.jsonl"),
+        ("json", "a.json"),
+        ("csv", "a.csv"),
+        ("parquet", "a.parquet"),
+        ("hf_disk", "hf"),
+        ("files", "f*.txt"),
+    ]:
+        assert _stream(_source(kind, tmp_path / path)) == TEXTS, kind
+
+
+def test_readers_read_lazily(tmp_path, monkeypatch):
+    from merge_mix.data.sources import source_documents
+
+    # A broken line after the first two records: never parsed when only two are taken.
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n{broken\n"
+    )
+    src = _source("jsonl", tmp_path / "a.jsonl")
+    assert list(itertools.islice(source_documents(src, "src"), 2)) == ["one", "two"]
+    with pytest.raises(MergeMixError, match="a.jsonl:3: not valid JSON"):
+        list(source_documents(src, "src"))
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "a.parquet", 2)
+
+    def whole(*args, **kwargs):
+        raise AssertionError("parquet read whole")
+
+    monkeypatch.setattr(pq, "read_table", whole)
+    assert _stream(_source("parquet", tmp_path / "a.parquet")) == TEXTS
+
+
+def _spec_dict(root: Path, output: str = "pool") -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    return {
+        "name": "d",
+        "output_dir": output,
+        "seed": 0,
+        "domains": {
+            "code": {
+                "sources": [{"files": str(STDLIB / sub / "*.py")} for sub in ("json", "importlib")],
+                "max_bytes": 60_000,
+            },
+            "mail": {"sources": [{"files": str(STDLIB / "email" / "*.py")}], "max_bytes": 90_000},
+        },
+        "data": {"heldout_fraction": 0.5, "max_doc_bytes": 1024},
+        "tokenizer": {"vocab_size": 300, "sample_bytes": 40_000},
+    }
+
+
+def _prepare(root: Path, workers: int, output: str = "pool"):
+    from merge_mix.pool import _prepare_data
+
+    spec = load_spec(write_spec(root, _spec_dict(root, output)))
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_data(spec, spec.output_dir, workers=workers)
+    return spec.output_dir / "data"
+
+
+def _files(data_dir: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(data_dir)): p.read_bytes()
+        for p in sorted(data_dir.rglob("*"))
+        if p.is_file() and p.name != "data.json"
+    }
+
+
+def test_one_and_two_workers_write_identical_shards(tmp_path):
+    one = _prepare(tmp_path / "one", 1)
+    two = _prepare(tmp_path / "two", 2)
+    assert _files(one) == _files(two)
+    a, b = (json.loads((d / "data.json").read_text())["domains"] for d in (one, two))
+    for d in a:
+        a[d].pop("sources_hash"), b[d].pop("sources_hash")
+    assert a == b
+    assert "code/train.tokens" in _files(one)
+
+
+def test_streaming_plan_splits_like_the_in_memory_rules(tmp_path):
+    from merge_mix.data.prepare import scan_domain
+    from merge_mix.data.split import assign_splits, build_domain, drop_cross_domain
+
+    spec = load_spec(write_spec(tmp_path, _spec_dict(tmp_path)))
+    domain = spec.domains[1]
+    corpus = build_domain(domain, spec.data, "d")
+    plan = scan_domain(domain, spec.data, "d", workers=1)
+    drop_cross_domain([plan], np.zeros(0, dtype="S64"))
+    assign_splits(plan, spec.data)
+    assert plan.digests() == corpus.digests
+    for split in ("train", "search", "test"):
+        assert plan.count(split) == len(corpus.splits[split])
+    assert plan.stats["documents_kept"] == corpus.stats["documents_kept"]
+
+
+def test_an_interrupted_domain_is_redone_and_a_done_one_is_not(tmp_path, monkeypatch):
+    import merge_mix.data.prepare as prepare
+    from merge_mix.data.shards import ShardWriter
+
+    reference = _prepare(tmp_path / "ref", 1)
+    calls = {"tokenize": 0}
+    real_add, real_tokenize = ShardWriter.add, prepare.tokenize_batch
+
+    def counted(batch):
+        calls["tokenize"] += 1
+        return real_tokenize(batch)
+
+    def interrupt(writer, tokens, rows):
+        if writer.out_dir.name == "mail":
+            real_add(writer, tokens, rows)  # half a shard on disk...
+            raise KeyboardInterrupt
+
+        real_add(writer, tokens, rows)
+
+    monkeypatch.setattr(prepare, "tokenize_batch", counted)
+    monkeypatch.setattr(ShardWriter, "add", interrupt)
+    root = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(root, 1)
+    data_dir = root / "pool" / "data"
+    assert (data_dir / "code" / "train.done.json").is_file()
+    assert not (data_dir / "mail" / "train.done.json").exists()  # ...never counted as done
+    assert not (data_dir / "mail" / "train.tokens").exists()
+    assert not (data_dir / "data.json").exists()
+
+    monkeypatch.setattr(ShardWriter, "add", real_add)
+    calls["tokenize"] = 0
+    _prepare(root, 1)
+    assert calls["tokenize"] == 1  # only "mail" is tokenized again (one batch)
+    assert not list(data_dir.rglob("*.part")) and not list(data_dir.rglob("*.tmp"))
+    assert _files(data_dir) == _files(reference)
+
+
+class _Tracked(str):
+    """A document that counts how many of its kind are alive."""
+
+    alive = 0
+    most = 0
+
+    def __new__(cls, text):
+        obj = super().__new__(cls, text)
+        cls.alive += 1
+        cls.most = max(cls.most, cls.alive)
+        return obj
+
+    def __del__(self):
+        type(self).alive -= 1
+
+
+def test_a_domain_is_never_held_in_memory_whole(tmp_path, monkeypatch):
+    import merge_mix.data.prepare as prepare
+    import merge_mix.data.workers as workers
+
+    docs = tmp_path / "many.jsonl"
+    lines = [
+        json.dumps({"text": f"doc {i}\n" + f"line {i} of words and more words\n" * 40})
+        for i in range(400)
+    ]
+    docs.write_text("\n".join(lines) + "\n")
+    real = prepare.domain_documents
+
+    def tracked(*args, **kwargs):
+        for text in real(*args, **kwargs):
+            yield _Tracked(text)
+
+    monkeypatch.setattr(prepare, "domain_documents", tracked)
+    monkeypatch.setattr(workers, "BATCH_BYTES", 8_000)  # about 6 documents a batch
+    spec = _spec_dict(tmp_path)
+    spec["domains"] = {"many": {"sources": [{"jsonl": str(docs)}]}}
+    spec["data"]["heldout_max_documents"] = 10
+    from merge_mix.pool import _prepare_data
+
+    s = load_spec(write_spec(tmp_path, spec))
+    s.output_dir.mkdir(parents=True)
+    _prepare_data(s, s.output_dir, workers=1)
+    data = json.loads((s.output_dir / "data" / "data.json").read_text())
+    assert data["domains"]["many"]["corpus"]["documents_read"] == 400
+    assert data["domains"]["many"]["train"]["documents"] > 300
+    # A batch in flight plus the held-out documents' pieces (new strings), never all 400.
+    assert _Tracked.most <= 20
+
+
+def test_a_source_that_changes_between_passes_is_one_error(tmp_path, monkeypatch):
+    import merge_mix.data.prepare as prepare
+
+    real = prepare.domain_documents
+    calls = itertools.count()
+
+    def changing(*args, **kwargs):
+        late = next(calls) >= 2  # both scans read the original text, later passes do not
+        for text in real(*args, **kwargs):
+            yield text + "# edited\n" if late else text
+
+    monkeypatch.setattr(prepare, "domain_documents", changing)
+    with pytest.raises(MergeMixError, match=r"domains\.code: a source changed"):
+        _prepare(tmp_path, 1)
