@@ -462,57 +462,48 @@ def _record_losses(model, heldout, device, precision) -> dict[str, dict[str, flo
 def _train_member(
     spec: PoolSpec,
     pool_dir: Path,
-    name: str,
-    out_dir: Path,
-    init_from: Path | None,
-    mixture: dict[str, float],
-    total_tokens: int,
+    plan,
     data: dict,
     tokenizer,
     device,
-    seed_offset: int,
     step_callback,
     show_progress: bool,
 ) -> dict:
-    """Train one pool member (base or component) in `work/<name>` and save it to `out_dir`."""
+    """Train one pool member (base or component) by `plan` (a `TrainPlan`) and save it."""
     from merge_mix.model import build_model, count_parameters, load_model
     from merge_mix.tokens import special_ids
-    from merge_mix.train import commit_model, init_distributed, train_on_shards
+    from merge_mix.train import commit_model, init_distributed
 
     rank, world = init_distributed()
     bos, eos = special_ids(tokenizer)
-    if init_from is None:
+    if plan.init_from is None:
         model = build_model(spec.model, len(tokenizer), bos, eos, spec.seed)
     else:
-        model = load_model(init_from)
+        model = load_model(plan.init_from)
     model.to(device)
     heldout = _heldout_set(pool_dir, list(data["domains"]), spec, bos)
-    result = train_on_shards(
+    result = plan.run(
         model,
         pool_dir / "data",
-        mixture,
-        spec.seed * 1000 + seed_offset,
         spec.training,
-        total_tokens,
         spec.model.seq_len,
-        pool_dir / "work" / name,
         device,
         heldout=heldout,
-        desc=name,
         step_callback=step_callback,
         show_progress=show_progress,
     )
     if rank != 0:
         return {}
+    out_dir = plan.out_dir
     tmp = stage_stored(model, out_dir, tokenizer, spec.training.storage_dtype)
     losses = _record_losses(model, heldout, device, spec.training.precision)
     epochs = {
         d: round(result.domain_tokens.get(d, 0) / data["domains"][d]["train"]["tokens"], 4)
-        for d in mixture
+        for d in plan.mixture
     }
     record = {
         "path": str(out_dir.relative_to(pool_dir)),
-        "training_mixture": {d: round(p, 6) for d, p in mixture.items()},
+        "training_mixture": {d: round(p, 6) for d, p in plan.mixture.items()},
         "realised_mixture": {
             d: round(t / max(1, result.tokens), 6) for d, t in result.domain_tokens.items()
         },
@@ -528,12 +519,39 @@ def _train_member(
         "parameters": count_parameters(model),
         "seed": spec.seed,
         "wall_time_s": result.wall_time_s,
-        "initialised_from": None if init_from is None else str(init_from.relative_to(pool_dir)),
+        "initialised_from": (
+            None if plan.init_from is None else str(plan.init_from.relative_to(pool_dir))
+        ),
         "versions": library_versions(),
         "history": result.history,
     }
     record["sha256"] = commit_model(tmp, out_dir)
     return record
+
+
+def _member_plan(
+    spec: PoolSpec,
+    pool_dir: Path,
+    name: str,
+    init_from: Path | None,
+    mixture: dict[str, float],
+    tokens: int,
+):
+    """The `TrainPlan` of the base (``name`` "base") or of a domain's component: data seed
+    ``seed * 1000 + k`` (k = 0 for the base, 1 + the domain's spec position otherwise),
+    checkpoints in ``work/<name>``, the model in ``base`` or ``components/<name>``."""
+    from merge_mix.train import TrainPlan
+
+    k = 0 if name == "base" else 1 + spec.domain_names.index(name)
+    return TrainPlan(
+        label=name,
+        init_from=init_from,
+        mixture=mixture,
+        tokens=tokens,
+        seed=spec.seed * 1000 + k,
+        workdir=pool_dir / "work" / name,
+        out_dir=pool_dir / "base" if name == "base" else pool_dir / "components" / name,
+    )
 
 
 def stage_stored(model, out_dir: Path, tokenizer, storage_dtype: str = "float32") -> Path:
@@ -586,10 +604,10 @@ def _build_base(spec, pool_dir, data, tokenizer, general, device, step_callback,
         }
         record["sha256"] = sha256
     else:
+        plan = _member_plan(spec, pool_dir, "base", None, general, spec.training.base_tokens)
         record = _train_member(
-            spec, pool_dir, "base", base_dir, None, general, spec.training.base_tokens,
-            data, tokenizer, device, 0, step_callback, show_progress,
-        )  # fmt: skip
+            spec, pool_dir, plan, data, tokenizer, device, step_callback, show_progress
+        )
     return record
 
 
@@ -822,14 +840,24 @@ def build_pool(
             if _verified(record_path, comp_dir):
                 continue
             _log(f"[{spec.name}] training component {domain!r}")
-            record = _train_member(
-                spec, pool_dir, domain, comp_dir, pool_dir / "base",
+            plan = _member_plan(
+                spec,
+                pool_dir,
+                domain,
+                pool_dir / "base",
                 _component_mixture(domain, general, spec.general_share),
-                spec.training.component_tokens, data, tokenizer, device,
-                1 + spec.domain_names.index(domain),
+                spec.training.component_tokens,
+            )
+            record = _train_member(
+                spec,
+                pool_dir,
+                plan,
+                data,
+                tokenizer,
+                device,
                 (lambda s, d=domain: step_callback(d, s)) if step_callback else None,
                 show_progress,
-            )  # fmt: skip
+            )
             if not record:
                 continue
             record["domain"] = domain

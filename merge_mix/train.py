@@ -510,6 +510,58 @@ def train_model(
     )
 
 
+@dataclass(frozen=True)
+class TrainPlan:
+    """One training run on a pool's shards, the same for the base, a component and a
+    reference model: what to start from, what to draw, how much, with which seed, and where
+    its checkpoints and its finished model go. The recipe (optimizer, schedule, batch) is the
+    pool's ``training`` section (`TrainingSpec`)."""
+
+    label: str
+    """How progress bars and logs name the run (``base``, a domain, ``reference uniform``)."""
+    init_from: Path | None
+    """The HF model directory (safetensors) the weights start from; None: a fresh model
+    from the spec's ``model`` section (a pool's own base)."""
+    mixture: dict[str, float]
+    """Per-domain sampling weights over the pool's training shards."""
+    tokens: int
+    """Token budget."""
+    seed: int
+    """Seed of the data stream (`MixtureSampler`)."""
+    workdir: Path
+    """Checkpoints, for resuming; removed once the model is committed."""
+    out_dir: Path
+    """Where the finished model directory is committed."""
+
+    def run(
+        self,
+        model,
+        data_dir: Path,
+        spec: TrainingSpec,
+        seq_len: int,
+        device: torch.device,
+        heldout: HeldoutSet | None = None,
+        step_callback: Callable[[int], None] | None = None,
+        show_progress: bool = True,
+    ) -> TrainResult:
+        """Train `model` (already initialised from `init_from`) by this plan."""
+        return train_on_shards(
+            model,
+            data_dir,
+            self.mixture,
+            self.seed,
+            spec,
+            self.tokens,
+            seq_len,
+            self.workdir,
+            device,
+            heldout=heldout,
+            desc=self.label,
+            step_callback=step_callback,
+            show_progress=show_progress,
+        )
+
+
 def train_on_shards(
     model,
     data_dir: Path,

@@ -250,3 +250,21 @@ def test_a_source_that_changes_between_passes_is_one_error(tmp_path, monkeypatch
     monkeypatch.setattr(prepare, "domain_documents", changing)
     with pytest.raises(MergeMixError, match=r"domains\.code: a source changed"):
         _prepare(tmp_path, 1)
+
+
+def test_spilled_shingles_are_the_sorted_union_and_cover_like_isin(tmp_path):
+    from merge_mix.data.prepare import ShingleSpill, covered_by
+
+    rng = np.random.default_rng(0)
+    arrays = [np.unique(rng.integers(0, 2**64, 500, dtype=np.uint64)) for _ in range(6)]
+    arrays.append(arrays[0][:100])  # repeats across batches
+    spill = ShingleSpill(tmp_path / "parts", buckets=8)
+    for a in arrays:
+        spill.add(a)
+    n = spill.finish(tmp_path / "s.npy")
+    union = np.unique(np.concatenate(arrays))
+    stored = np.load(tmp_path / "s.npy")
+    assert n == len(union) and stored.dtype == np.uint64 and np.array_equal(stored, union)
+    assert not (tmp_path / "parts").exists()
+    probe = np.unique(np.concatenate([union[::7], rng.integers(0, 2**64, 50, dtype=np.uint64)]))
+    assert np.array_equal(covered_by(probe, [tmp_path / "s.npy"]), np.isin(probe, union))

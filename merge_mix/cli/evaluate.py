@@ -300,6 +300,11 @@ def lm_eval_cmd(args):
       merge-mix lm-eval --model merge-mix \\
         --model_args pool=pools/demo,weights=code:0.5,prose:0.5 \\
         --tasks mm_demo_code_ppl --include_path eval_tasks --batch_size 16
+
+    Results under --output_path go to a folder named after the pool and mixture; the
+    device and batch size recorded are the ones used (defaults: auto device, batch size
+    16). lm-eval's own `lm_eval` command cannot load the model type (lm-eval 0.4.13 has no
+    plugin mechanism; see docs/evaluation.md).
     """
     from merge_mix.lmeval import run_lm_eval_cli
 

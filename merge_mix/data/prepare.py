@@ -27,8 +27,8 @@ training text are dropped, search and test are kept apart (`separate_splits`), t
 held-out shards and ``documents.sha256`` are written, and ``data.json`` last.
 
 Memory: `DOC_ROW_BYTES` per document read plus 40 bytes per training piece (the index
-being built), one bucket of n-gram hashes (at most `BUCKET_BYTES` for domains up to
-~40 GB of training text), ``2 x workers`` batches of `BATCH_BYTES` text in flight, and the
+being built), one bucket of n-gram hashes (about `BUCKET_BYTES`, four times that while it
+is de-duplicated, for domains up to ~5 GB of training text; proportionally more past that), ``2 x workers`` batches of `BATCH_BYTES` text in flight, and the
 held-out text with its n-grams; not the training text.
 """
 
@@ -84,7 +84,7 @@ HELDOUT = ("search", "test")
 TRAIN_DONE = "train.done.json"
 SHINGLE_BUCKETS = 64
 """Fewest n-gram spill buckets; more for large domains (`spill_buckets`)."""
-BUCKET_BYTES = 128 << 20
+BUCKET_BYTES = 16 << 20
 _CHUNK = 1 << 22  # shingles compared per step against a stored set
 
 
@@ -162,8 +162,9 @@ def _check_digest(text: str, digest: str, where: str) -> None:
 def spill_buckets(text_bytes: int) -> int:
     """Buckets so that one holds about `BUCKET_BYTES` of n-gram hashes (a hash per word,
     about 1.6 bytes of hash per byte of text), a power of two from `SHINGLE_BUCKETS` to
-    512 (open files): memory stays under `BUCKET_BYTES` up to ~40 GB of training text
-    per domain and grows past it."""
+    512 (each is an open file; 1024 is a common limit): a bucket stays near `BUCKET_BYTES`
+    (de-duplicating it takes about four times that) up to ~5 GB of training text per
+    domain, and grows in proportion past it (~300 MB at 100 GB)."""
     need = 1.6 * text_bytes / BUCKET_BYTES
     n = SHINGLE_BUCKETS
     while n < need and n < 512:

@@ -160,7 +160,7 @@ def _train(pool, plan, spec, device, heldout, precision, step_callback, show_pro
     from merge_mix.evaluate import heldout_metrics
     from merge_mix.model import count_parameters, load_model
     from merge_mix.tokens import load_tokenizer
-    from merge_mix.train import commit_model, stage_model, train_on_shards
+    from merge_mix.train import TrainPlan, commit_model, stage_model
 
     mixture = {d: float(p) for d, p in zip(pool.domains, plan.mixture, strict=True) if p > 0}
     workdir = pool.path / "work" / f"ref-{plan.id}"
@@ -177,23 +177,27 @@ def _train(pool, plan, spec, device, heldout, precision, step_callback, show_pro
         + ")"
         + (f" from step {resumed_from}" if resumed_from else "")
     )
-    model = load_model(pool.base_dir, device)
-    result = train_on_shards(
+    train = TrainPlan(
+        label=f"reference {plan.label}",
+        init_from=pool.base_dir,
+        mixture=mixture,
+        tokens=plan.tokens,
+        seed=data_seed(pool, plan.seed),
+        workdir=workdir,
+        out_dir=reference_dir(pool, plan.id),
+    )
+    model = load_model(train.init_from, device)
+    result = train.run(
         model,
         pool.data_dir,
-        mixture,
-        data_seed(pool, plan.seed),
         spec,
-        plan.tokens,
         pool.seq_len,
-        workdir,
         device,
         heldout=heldout if spec.eval_every else None,
-        desc=f"reference {plan.label}",
         step_callback=(lambda s: step_callback(plan.label, s)) if step_callback else None,
         show_progress=show_progress,
     )
-    out_dir = reference_dir(pool, plan.id)
+    out_dir = train.out_dir
     # With the tokenizer, like base and components: a complete HF model directory on its own.
     tmp = stage_model(model, out_dir, load_tokenizer(pool.tokenizer_dir))
     metrics = heldout_metrics(model, heldout, device, precision)
