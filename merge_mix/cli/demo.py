@@ -53,7 +53,16 @@ def demo(run_dir: Path, n_trials: int, objective: str, quiet: bool) -> None:
     from merge_mix.search.pipeline import format_search_summary, search_pool
 
     spec = load_spec(builtin_spec_path("demo"))
-    pool = build_pool(spec, show_progress=not quiet)
+    try:
+        pool = build_pool(spec, show_progress=not quiet)
+    except MergeMixError as e:
+        if "differ" not in str(e):
+            raise
+        # The built-in demo spec changed under an existing demo pool (an older merge-mix).
+        raise MergeMixError(
+            f"{e} [{spec.output_dir} was built by an earlier merge-mix: delete it and run"
+            " `merge-mix demo` again to rebuild]"
+        ) from None
     if pool is None:
         raise MergeMixError(f"{spec.output_dir}: the demo pool is not complete")
     click.echo(format_pool_table(spec.output_dir))
