@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -59,9 +60,8 @@ RUNTIME_FIELDS = {
 
 
 def _log(msg: str) -> None:
-    import click
-
-    click.echo(msg, err=True)
+    # Progress notes through logging (logger ``merge_mix.*``); the CLI shows INFO on stderr.
+    logging.getLogger(__name__).info(msg)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ engine's scorer protocol.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -61,12 +62,9 @@ class ProxyScorer:
     ):
         self.pool = pool if isinstance(pool, Pool) else Pool.open(pool)
         if not self.pool.manifest.get("complete"):
-            import click
-
-            click.echo(
+            logging.getLogger(__name__).warning(
                 f"warning: {self.pool.path}: pool is incomplete; using its finished components"
-                f" {', '.join(self.pool.domains)} (missing: {', '.join(self.pool.manifest['missing'])})",
-                err=True,
+                f" {', '.join(self.pool.domains)} (missing: {', '.join(self.pool.manifest['missing'])})"
             )
         self.device = pick_device(device)
         self.precision = precision

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -241,6 +242,5 @@ def _train(pool, plan, spec, device, heldout, precision, step_callback, show_pro
 
 
 def _log(msg: str) -> None:
-    import click
-
-    click.echo(msg, err=True)
+    # Progress notes through logging (logger ``merge_mix.*``); the CLI shows INFO on stderr.
+    logging.getLogger(__name__).info(msg)
