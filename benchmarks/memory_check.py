@@ -11,11 +11,60 @@ Prints one JSON object (the figures quoted in docs/merging.md and docs/performan
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
 import numpy as np
 import torch
+
+
+class ReadCount:
+    """Files opened and tensor bytes read through `safetensors.safe_open`."""
+
+    def __init__(self):
+        self.opened: list[str] = []
+        self.bytes = 0
+
+    def clear(self) -> None:
+        self.opened.clear()
+        self.bytes = 0
+
+
+@contextlib.contextmanager
+def count_reads():
+    """Count what `safetensors.safe_open` opens and the tensor bytes read through it while
+    the block runs (the streaming merge's reads per merge)."""
+    import safetensors
+
+    real = safetensors.safe_open
+    count = ReadCount()
+
+    class Counted:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def get_tensor(self, key):
+            t = self.handle.get_tensor(key)
+            count.bytes += t.numel() * t.element_size()
+            return t
+
+    def counting(path, *a, **kw):
+        count.opened.append(str(path))
+        return Counted(real(path, *a, **kw))
+
+    safetensors.safe_open = counting
+    try:
+        yield count
+    finally:
+        safetensors.safe_open = real
 
 
 def padded_nll(model, windows, n_windows: int, batch_size: int = 16) -> np.ndarray:
@@ -129,47 +178,15 @@ def main() -> None:
         "speedup": t_old / t_new,
     }
 
-    import safetensors
-
     streamed = merger_for_pool(pool, stream=True)
-    opened: list[str] = []
-    real = safetensors.safe_open
-
-    read = [0]
-
-    class Counted:
-        """A safe_open handle that counts the bytes of the tensors read through it."""
-
-        def __init__(self, handle):
-            self.handle = handle
-
-        def __enter__(self):
-            self.handle.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.handle.__exit__(*exc)
-
-        def get_tensor(self, key):
-            t = self.handle.get_tensor(key)
-            read[0] += t.numel() * t.element_size()
-            return t
-
-    def counting(path, *a, **kw):
-        opened.append(str(path))
-        return Counted(real(path, *a, **kw))
-
-    safetensors.safe_open = counting
-    try:
+    with count_reads() as reads:
         merged = streamed.merge(w).state_dict()
-    finally:
-        safetensors.safe_open = real
     files = [f for fs in streamed._files.values() for f in fs]
     out["streaming"] = {
         "files": len(files),
-        "opens_per_merge": len(opened),
+        "opens_per_merge": len(reads.opened),
         "bit_identical_to_resident": all(torch.equal(merged[n], ref[n]) for n in ref),
-        "tensor_bytes_read": read[0],
+        "tensor_bytes_read": reads.bytes,
         "file_bytes": sum(f.stat().st_size for f in files),
     }
     print(json.dumps(out, indent=2))

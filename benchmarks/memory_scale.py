@@ -287,8 +287,8 @@ def part_resident(pool_dir: Path, heldout_tokens: int) -> dict:
 
 def part_stream(pool_dir: Path) -> dict:
     import numpy as np
-    import safetensors
     import torch
+    from memory_check import count_reads
 
     from merge_mix.merge import merger_for_pool
     from merge_mix.pool import Pool
@@ -303,45 +303,15 @@ def part_stream(pool_dir: Path) -> dict:
     before = peaks.read()
     streamed = merger_for_pool(pool, "cpu", stream=True)
     built = peaks.read()
-    opened: list[str] = []
-    read = [0]
-    real = safetensors.safe_open
-
-    class Counted:
-        """A safe_open handle that counts the bytes of the tensors read through it."""
-
-        def __init__(self, handle):
-            self.handle = handle
-
-        def __enter__(self):
-            self.handle.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.handle.__exit__(*exc)
-
-        def get_tensor(self, key):
-            t = self.handle.get_tensor(key)
-            read[0] += t.numel() * t.element_size()
-            return t
-
-    def counting(path, *a, **kw):
-        opened.append(str(path))
-        return Counted(real(path, *a, **kw))
-
     peaks.reset()
     per_merge, times = [], []
-    safetensors.safe_open = counting
-    try:
+    with count_reads() as reads:
         for _ in range(2):
-            opened.clear()
-            read[0] = 0
+            reads.clear()
             t = time.perf_counter()
             streamed.merge(w)
             times.append(time.perf_counter() - t)
-            per_merge.append({"opens": len(opened), "tensor_bytes_read": read[0]})
-    finally:
-        safetensors.safe_open = real
+            per_merge.append({"opens": len(reads.opened), "tensor_bytes_read": reads.bytes})
     merging = peaks.read()
     merged = {n: p.detach().clone() for n, p in streamed.params.items()}
     del streamed

@@ -113,7 +113,7 @@ def prepare_targets(spec: PoolSpec, pool_dir: Path, data: dict) -> dict:
         if not done:
             del data["targets"]
         return data
-    from merge_mix.data.prepare import covered_by, pool_digests, read_kept
+    from merge_mix.data.prepare import covered_by, heldout_texts, pool_digests, read_kept
 
     domains = list(data["domains"])
     earlier_digests = pool_digests(data_dir, domains)
@@ -134,7 +134,7 @@ def prepare_targets(spec: PoolSpec, pool_dir: Path, data: dict) -> dict:
         splits, removed = split_target(docs, spec.data, train_digests, train_shingles)
         stats.update(removed)
         # Selection and judgement on disjoint text, across every held-out set of the pool.
-        earlier = {split: _heldout_texts(data_dir, data, split) for split in SPLITS}
+        earlier = {split: heldout_texts(data_dir, data, split) for split in SPLITS}
         apart = separate_splits(
             {t.name: splits},
             spec.data.near_duplicate_threshold,
@@ -156,17 +156,6 @@ def prepare_targets(spec: PoolSpec, pool_dir: Path, data: dict) -> dict:
         done[t.name] = entry
     write_json_atomic(data_dir / "data.json", data)
     return data
-
-
-def _heldout_texts(data_dir: Path, data: dict, split: str) -> list[str]:
-    """The pool's held-out pieces of `split`: every domain's and every target set's
-    prepared so far."""
-    out = [
-        json.loads(line)["text"]
-        for d in data["domains"]
-        for line in (Path(data_dir) / d / f"{split}.jsonl").read_text("utf-8").splitlines()
-    ]
-    return out + target_texts(data_dir, data, (split,))
 
 
 def target_texts(data_dir: Path, data: dict, splits: tuple[str, ...] = SPLITS) -> list[str]:

@@ -248,7 +248,9 @@ def pool_digests(data_dir: Path, earlier: list[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype="S64")
 
 
-def _heldout_texts(data_dir: Path, data: dict, split: str) -> list[str]:
+def heldout_texts(data_dir: Path, data: dict, split: str) -> list[str]:
+    """The pool's held-out pieces of `split` prepared so far: every domain's and every
+    target set's (what new text must be kept apart from)."""
     from merge_mix.targets import target_texts
 
     return [
@@ -434,7 +436,7 @@ def prepare_domains(
     tokenizer = load_tokenizer(tok_dir)
     tok_sha = hashlib.sha256((tok_dir / "tokenizer.json").read_bytes()).hexdigest()
     data["token_dtype"] = token_dtype(len(tokenizer)).str
-    earlier_by_split = {split: _heldout_texts(data_dir, data, split) for split in HELDOUT}
+    earlier_by_split = {split: heldout_texts(data_dir, data, split) for split in HELDOUT}
     earlier_train = [data_dir / d / SHINGLES for d in earlier]
     shingle = Shingler(spec.data.shingle_words)
     existing = [shingle(t) for split in HELDOUT for t in earlier_by_split[split]]
