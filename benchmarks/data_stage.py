@@ -5,7 +5,7 @@ For each size, a one-domain jsonl corpus is built in a scratch directory from te
 this machine (the standard library's and site-packages' ``.py``/``.md``/``.txt``/``.h``
 files under 256 KB; past the first copy, every fifth word of a repeat carries the copy
 number, so no two documents are equal and no 8-word run repeats across copies) and the pool's data is prepared in a child process
-(`merge_mix.pool._prepare_data`), which reports its own peak RSS and its workers' largest.
+(`merge_mix.pool_build._prepare_data`), which reports its own peak RSS and its workers' largest.
 The BPE (4096 tokens, trained on 2 MB of the smallest corpus) is shared by every run.
 The `encode_batch` baseline tokenizes the same training pieces, in 1 MB batches, in a
 child process with ``RAYON_NUM_THREADS`` = workers; only the encode calls are timed.
@@ -118,7 +118,7 @@ def child_prepare(spec_path: str, workers: int) -> dict:
     """Run in a child process: prepare the data, report time, passes and peak RSS."""
     import merge_mix.data.prepare as prepare
     from merge_mix.config import load_spec
-    from merge_mix.pool import _prepare_data
+    from merge_mix.pool_build import _prepare_data
 
     spent: dict[str, float] = {}
 

@@ -144,7 +144,8 @@ def build(out: Path, tokenizer: Path | None, max_bytes: int, scale: float, seed:
 
     from merge_mix.config import load_spec
     from merge_mix.model import quiet_transformers
-    from merge_mix.pool import Pool, build_pool, component_mixture
+    from merge_mix.pool import Pool, component_mixture
+    from merge_mix.pool_build import build_pool
     from merge_mix.pool_import import import_model
 
     pool_dir = out / "pool"

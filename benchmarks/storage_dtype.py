@@ -229,7 +229,7 @@ def main() -> None:
     header = print_header("bf16 storage against fp32 storage")
     if args.small:
         from merge_mix.config import load_spec
-        from merge_mix.pool import build_pool
+        from merge_mix.pool_build import build_pool
 
         with tempfile.TemporaryDirectory(prefix="storage_dtype_pools_") as tmp:
             root = Path(tmp)

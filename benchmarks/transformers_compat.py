@@ -113,7 +113,8 @@ def build(family, root: Path) -> dict[str, str]:
     from merge_mix.config import load_spec
     from merge_mix.export import export_proxy
     from merge_mix.merge import merger_for_pool
-    from merge_mix.pool import Pool, build_pool
+    from merge_mix.pool import Pool
+    from merge_mix.pool_build import build_pool
 
     fam = _families()
     base = fam.make_family_base(family, root / "pretrained")

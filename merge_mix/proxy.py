@@ -63,7 +63,7 @@ class ProxyScorer:
         self.pool = pool if isinstance(pool, Pool) else Pool.open(pool)
         if not self.pool.manifest.get("complete"):
             logging.getLogger(__name__).warning(
-                f"warning: {self.pool.path}: pool is incomplete; using its finished components"
+                f"{self.pool.path}: pool is incomplete; using its finished components"
                 f" {', '.join(self.pool.domains)} (missing: {', '.join(self.pool.manifest['missing'])})"
             )
         self.device = pick_device(device)

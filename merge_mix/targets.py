@@ -116,14 +116,17 @@ def prepare_targets(spec: PoolSpec, pool_dir: Path, data: dict) -> dict:
     from merge_mix.data.prepare import covered_by, heldout_texts, pool_digests, read_kept
 
     domains = list(data["domains"])
-    earlier_digests = pool_digests(data_dir, domains)
     shingle_paths = [data_dir / d / SHINGLES for d in domains]
     tokenizer = load_tokenizer(Path(pool_dir) / "tokenizer")
     for t in todo:
         where = f"{spec.spec_path}: targets.{t.name}"
         docs, stats = read_kept(t, spec.data, where)
         digests = np.array(sorted(docs), dtype="S64")
-        train_digests = {d.decode() for d in digests[np.isin(digests, earlier_digests)]}
+        train_digests = {
+            d.decode()
+            for chunk in pool_digests(data_dir, domains)
+            for d in chunk[np.isin(chunk, digests)]
+        }
         # The training n-grams these documents could meet, not the whole training set.
         mine = union(
             Shingler(spec.data.shingle_words)(p)

@@ -6,20 +6,19 @@ activation checkpointing. The loop saves a resumable checkpoint (weights,
 `optimizer.state_dict()` and counters; the sampler needs only the step) every
 `checkpoint_every` steps and, after SIGINT or SIGTERM, at the end of the current step, so a
 stopped run continues where it stopped and ends with the same weights as an uninterrupted
-one. Checkpoints are safetensors + JSON, never pickles.
+one. Checkpoints (`merge_mix.checkpoint`) are safetensors + JSON, never pickles.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DDP or, with
 ``training.parallel: fsdp``, sharded with FSDP2 (``fully_shard``): every rank draws the
 same global batch of ``batch_size`` sequences from the sampler and trains on its own
 ``batch_size / WORLD_SIZE`` of them, so the recipe is the same on any number of GPUs;
-rank 0 writes.
+rank 0 writes the checkpoints, except under FSDP, where every rank writes its own shards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import shutil
@@ -33,14 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merge_mix.artifacts import shareable
+from merge_mix.checkpoint import load_checkpoint, save_checkpoint
 from merge_mix.config import TrainingSpec
 from merge_mix.errors import MergeMixError
 from merge_mix.evaluate import HeldoutSet, heldout_metrics
-from merge_mix.model import autocast, disk_full_error
+from merge_mix.model import autocast
 from merge_mix.tokens import MixtureSampler
-
-CHECKPOINT = "checkpoint"
 
 
 @dataclass
@@ -85,157 +82,6 @@ def init_distributed() -> tuple[int, int]:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return _dist_info()
-
-
-def _checkpoint_dir(workdir: Path) -> Path | None:
-    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):  # .old: killed between the two renames
-        if (workdir / name / "state.json").is_file():
-            return workdir / name
-    return None
-
-
-def full_state(model, optimizer, sharded: bool) -> tuple[dict, dict]:
-    """(model state dict, optimizer state dict keyed by parameter name) of the whole model.
-
-    The optimizer's own `state_dict()` numbers parameters by position; names survive a
-    change of code or sharding. Under FSDP every rank must call this (it all-gathers) and
-    every rank receives the full tensors."""
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-    names = [n for n, _ in model.named_parameters()]
-    osd = optimizer.state_dict()
-    named = {
-        "state": {names[i]: st for i, st in osd["state"].items()},
-        "param_groups": [
-            {**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]
-        ],
-    }
-    return {n: p.detach() for n, p in model.named_parameters()}, named
-
-
-def save_checkpoint(
-    model, optimizer, state: dict, workdir: Path, sharded: bool = False, rank: int = 0
-) -> None:
-    """Atomically replace `workdir/checkpoint` (written beside it, then renamed) with the
-    weights and `optimizer.state_dict()` as safetensors and the rest as JSON, no pickles.
-
-    Under FSDP (`sharded`) every rank calls this: the full state is gathered and rank 0
-    writes it, so the checkpoint does not depend on the number of ranks."""
-    weights, osd = full_state(model, optimizer, sharded)
-    if rank != 0:
-        return
-    tmp = workdir / f"{CHECKPOINT}.tmp"
-    old = workdir / f"{CHECKPOINT}.old"
-    final = workdir / CHECKPOINT
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write_checkpoint(tmp, weights, osd, state)
-    except BaseException:
-        # A half-written checkpoint is never kept: the previous one (if any) stands.
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_checkpoint(tmp: Path, weights: dict, osd: dict, state: dict) -> None:
-    """The checkpoint's files in `tmp`; a full disk is an ``OSError(ENOSPC)`` naming the
-    file being written (safetensors reports it without an errno)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    def save(tensors: dict, path: Path) -> None:
-        try:
-            save_file(tensors, str(path))
-        except SafetensorError as exc:
-            full = disk_full_error(exc, path)
-            if full is not None:
-                raise full from exc
-            raise
-
-    save({n: t.detach().cpu().contiguous() for n, t in weights.items()}, tmp / "model.safetensors")
-    tensors, values = {}, {}
-    for name, st in osd["state"].items():
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"{name}::{key}"] = value.detach().cpu().contiguous()
-            else:
-                values[f"{name}::{key}"] = value
-    save(tensors, tmp / "optimizer.safetensors")
-    meta = {"param_groups": osd["param_groups"], "values": values}
-    for name, payload in (("optimizer.json", meta), ("state.json", state)):
-        path = tmp / name
-        try:
-            path.write_text(json.dumps(payload, indent=1))
-        except OSError as exc:
-            # A failed write() carries no file name; say which file it was.
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    shareable(tmp)
-
-
-def load_checkpoint(model, optimizer, workdir: Path, sharded: bool = False) -> dict | None:
-    """Restore weights and optimizer state from `workdir`; None if there is no checkpoint.
-
-    `optimizer.load_state_dict` places each state tensor as the optimizer needs it (on the
-    parameter's device; AdamW's `step` on the CPU, or on the device for fused AdamW). Under
-    FSDP every rank reads the full checkpoint and keeps its shard."""
-    from safetensors.torch import load_file
-
-    path = _checkpoint_dir(workdir)
-    if path is None:
-        return None
-    if not (path / "optimizer.json").is_file():
-        raise MergeMixError(
-            f"{path}: checkpoint from an older merge-mix (no optimizer.json); delete it to"
-            " restart this member"
-        )
-    state = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "model.safetensors"))
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    meta = json.loads((path / "optimizer.json").read_text())
-    per_param: dict[str, dict] = {}
-    for key, value in [*tensors.items(), *meta["values"].items()]:
-        name, _, field_name = key.rpartition("::")
-        per_param.setdefault(name, {})[field_name] = value
-    groups = [
-        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-        for g in meta["param_groups"]
-    ]
-    for saved, current in zip(groups, optimizer.param_groups, strict=True):
-        # The implementation follows this run's device (fused AdamW only on CUDA), not
-        # the one that wrote the checkpoint.
-        for key in ("fused", "foreach", "capturable", "differentiable"):
-            if key in current:
-                saved[key] = current[key]
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(
-            model,
-            optimizer,
-            model_state_dict=weights,
-            optim_state_dict={"state": per_param, "param_groups": groups},
-            options=StateDictOptions(full_state_dict=True),
-        )
-        return state
-    names = [n for n, _ in model.named_parameters()]
-    index = {n: i for i, n in enumerate(names)}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(weights[n].to(p.device))
-    optimizer.load_state_dict(
-        {
-            "state": {index[n]: st for n, st in per_param.items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
-        }
-    )
-    return state
 
 
 @contextlib.contextmanager

@@ -93,7 +93,7 @@ def tiny_spec_path(tmp_path_factory) -> Path:
 def tiny_pool(tiny_spec_path) -> Path:
     """The built tiny pool's directory (read-only for tests: copy it to change it)."""
     from merge_mix.config import load_spec
-    from merge_mix.pool import build_pool
+    from merge_mix.pool_build import build_pool
 
     spec = load_spec(tiny_spec_path)
     pool = build_pool(spec, show_progress=False)

@@ -90,6 +90,12 @@ def test_checkpoint_round_trips_the_optimizer_state_dict_without_pickles(tmp_pat
     save_checkpoint(model, opt, {"step": 2}, tmp_path)
     files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
     assert files == ["model.safetensors", "optimizer.json", "optimizer.safetensors", "state.json"]
+    from safetensors.torch import load_file
+
+    # Each state is stored under its own parameter's name (a norm weight's moment is 1-D).
+    saved = load_file(str(tmp_path / "checkpoint" / "optimizer.safetensors"))
+    for n, p in model.named_parameters():
+        assert saved[f"{n}::exp_avg"].shape == p.shape, n
 
     fresh = tiny_model()
     fresh_opt = torch.optim.AdamW(
@@ -171,3 +177,133 @@ def test_parallel_must_be_ddp_or_fsdp(tiny_spec_path, tmp_path):
     raw["training"]["parallel"] = "zero3"
     with pytest.raises(MergeMixError, match="training.parallel: must be 'ddp' or 'fsdp'"):
         load_spec(write_spec(tmp_path, raw))
+
+
+def test_rows_of_uneven_shards_are_read_only_from_the_ranks_that_hold_them(tmp_path):
+    from safetensors.torch import save_file
+
+    from merge_mix.checkpoint import SavedTensors, overlaps, rows_from_counts
+
+    # FSDP2 gives rank r rows [r*ceil(n/W), min((r+1)*ceil(n/W), n)): 5 rows over 2 ranks
+    # are 3 + 2, 1 row over 2 ranks leaves rank 1 an empty shard.
+    assert rows_from_counts([3, 2]) == [(0, 3), (3, 5)]
+    assert rows_from_counts([1, 0]) == [(0, 1), (1, 1)]
+    five, one = [(0, 3), (3, 5)], [(0, 1), (1, 1)]
+    assert overlaps(five, 0, 5) == [(0, 0, 3), (1, 0, 2)]
+    assert overlaps(five, 2, 4) == [(0, 2, 3), (1, 0, 1)]  # rows 2 and 3: one from each
+    assert overlaps(five, 3, 5) == [(1, 0, 2)]
+    assert overlaps(one, 0, 1) == [(0, 0, 1)]
+    assert overlaps(one, 1, 1) == []
+
+    w = torch.arange(10.0).reshape(5, 2)
+    b = torch.tensor([[1.0, 2.0, 3.0]])
+    save_file(
+        {"w": w[:3], "b": b[:1], "s": torch.tensor(4.0)}, str(tmp_path / "model.rank0.safetensors")
+    )
+    save_file({"w": w[3:], "b": b[1:]}, str(tmp_path / "model.rank1.safetensors"))
+    entry = {"dtype": "float32"}
+    index = {
+        "version": 1,
+        "world_size": 2,
+        "model": {
+            "w": {**entry, "shape": [5, 2], "rows": [[0, 3], [3, 5]]},
+            "b": {**entry, "shape": [1, 3], "rows": [[0, 1], [1, 1]]},
+            "s": {**entry, "shape": [], "replicated": True},
+        },
+    }
+    (tmp_path / "shards.json").write_text(json.dumps(index))
+    with SavedTensors(tmp_path, "model") as saved:
+        assert torch.equal(saved.read("w"), w)  # one process: all rows
+        # 3 ranks: ceil(5/3) = 2 rows each, the last one 1.
+        three = [saved.read("w", rows) for rows in [(0, 2), (2, 4), (4, 5)]]
+        assert [t.tolist() for t in three] == [w[:2].tolist(), w[2:4].tolist(), w[4:].tolist()]
+        assert torch.equal(saved.read("b"), b)
+        empty = saved.read("b", (1, 1))
+        assert empty.shape == (0, 3) and empty.dtype == torch.float32
+        assert saved.read("s").item() == 4.0
+    (tmp_path / "model.rank0.safetensors").unlink()  # rows 3-4 need rank 1's file only
+    with SavedTensors(tmp_path, "model") as saved:
+        assert torch.equal(saved.read("w", (3, 5)), w[3:])
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank in this process, for FSDP2 without torchrun."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_checkpoint_round_trips_and_a_failed_write_keeps_the_previous_one(
+    one_rank_group, tmp_path, monkeypatch
+):
+    import errno
+
+    from safetensors import SafetensorError
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 1)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    save_checkpoint(model, optimizer, {"step": 1}, tmp_path, sharded=True)
+    path = tmp_path / "checkpoint"
+    assert sorted(p.name for p in path.iterdir()) == [
+        "model.rank0.safetensors",
+        "optimizer.json",
+        "optimizer.rank0.safetensors",
+        "shards.json",
+        "state.json",
+    ]
+    index = json.loads((path / "shards.json").read_text())
+    assert index["model"]["0.weight"] == {"shape": [5, 3], "dtype": "float32", "rows": [[0, 5]]}
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(model, optimizer, {"step": 2}, tmp_path, sharded=True)
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(tmp_path / "checkpoint.tmp" / "model.rank0.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "store"]
+    monkeypatch.undo()
+
+    want = {n: p.full_tensor() for n, p in model.named_parameters()}
+    moments = {n: optimizer.state[p]["exp_avg"].full_tensor() for n, p in model.named_parameters()}
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 1))  # one process
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=0.1)
+    assert load_checkpoint(plain, plain_opt, tmp_path) == {"step": 1}
+    for n, p in plain.named_parameters():
+        assert torch.equal(p, want[n]), n
+        assert torch.equal(plain_opt.state[p]["exp_avg"], moments[n]), n
+        assert plain_opt.state[p]["step"].item() == 1.0
+
+    # The plain model's full checkpoint, loaded back into a sharded model.
+    save_checkpoint(plain, plain_opt, {"step": 1}, tmp_path / "full")
+    again = fully_shard(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 1)))
+    again_opt = torch.optim.AdamW(again.parameters(), lr=0.1)
+    assert load_checkpoint(again, again_opt, tmp_path / "full", sharded=True) == {"step": 1}
+    for n, p in again.named_parameters():
+        assert torch.equal(p.full_tensor(), want[n]), n
+        moment = again_opt.state[p]["exp_avg"]
+        assert moment.placements == p.placements and torch.equal(moment.full_tensor(), moments[n])
+
+
+def test_only_fsdp2_dim0_shards_are_written(one_rank_group, tmp_path):
+    from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+
+    from merge_mix.errors import MergeMixError
+
+    model = torch.nn.Linear(3, 5)
+    mesh = init_device_mesh("cpu", (1,))
+    model.weight = torch.nn.Parameter(distribute_tensor(model.weight.data, mesh, [Replicate()]))
+    optimizer = torch.optim.AdamW([model.weight])
+    with pytest.raises(MergeMixError, match="weight: sharded checkpoints hold FSDP2's dim-0"):
+        save_checkpoint(model, optimizer, {"step": 0}, tmp_path, sharded=True)

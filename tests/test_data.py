@@ -87,6 +87,29 @@ def test_readers_read_lazily(tmp_path, monkeypatch):
     assert _stream(_source("parquet", tmp_path / "a.parquet")) == TEXTS
 
 
+def test_a_json_source_is_parsed_one_record_at_a_time(tmp_path, monkeypatch):
+    import merge_mix.data.sources as sources
+
+    monkeypatch.setattr(sources, "JSON_CHUNK", 5)  # every value crosses a chunk's end
+    records = [{"id": 12345678, "text": t, "more": [1.5, None, True]} for t in TEXTS]
+    (tmp_path / "list.json").write_text(json.dumps(records, indent=2))
+    column = {"meta": {"n": 7}, "text": TEXTS, "ids": list(range(7))}
+    (tmp_path / "column.json").write_text(json.dumps(column))
+    for name in ("list.json", "column.json"):
+        assert _stream(_source("json", tmp_path / name)) == TEXTS, name
+    # A broken record after the first two: never parsed when only two are taken.
+    (tmp_path / "broken.json").write_text(
+        '[\n{"text": "one"},\n{"text": "two"},\n{"text": oops}\n]'
+    )
+    src = _source("json", tmp_path / "broken.json")
+    assert list(itertools.islice(sources.source_documents(src, "src"), 2)) == ["one", "two"]
+    with pytest.raises(MergeMixError, match=r"broken.json: not valid JSON \(line 4\)"):
+        list(sources.source_documents(src, "src"))
+    (tmp_path / "other.json").write_text('{"body": ["a"]}')
+    with pytest.raises(MergeMixError, match="expected a list of records or a column 'text'"):
+        list(sources.source_documents(_source("json", tmp_path / "other.json"), "src"))
+
+
 def _spec_dict(root: Path, output: str = "pool") -> dict:
     root.mkdir(parents=True, exist_ok=True)
     return {
@@ -106,7 +129,7 @@ def _spec_dict(root: Path, output: str = "pool") -> dict:
 
 
 def _prepare(root: Path, workers: int, output: str = "pool"):
-    from merge_mix.pool import _prepare_data
+    from merge_mix.pool_build import _prepare_data
 
     spec = load_spec(write_spec(root, _spec_dict(root, output)))
     spec.output_dir.mkdir(parents=True, exist_ok=True)
@@ -135,18 +158,88 @@ def test_one_and_two_workers_write_identical_shards(tmp_path):
 
 def test_streaming_plan_splits_like_the_in_memory_rules(tmp_path):
     from merge_mix.data.prepare import scan_domain
-    from merge_mix.data.split import assign_splits, build_domain, drop_cross_domain
+    from merge_mix.data.scan import plan_domain
+    from merge_mix.data.split import build_domain
 
     spec = load_spec(write_spec(tmp_path, _spec_dict(tmp_path)))
-    domain = spec.domains[1]
+    domain = spec.domains[1]  # capped by max_bytes
     corpus = build_domain(domain, spec.data, "d")
-    plan = scan_domain(domain, spec.data, "d", workers=1)
-    drop_cross_domain([plan], np.zeros(0, dtype="S64"))
-    assign_splits(plan, spec.data)
-    assert plan.digests() == corpus.digests
+    plan = scan_domain(domain, spec.data, "d", tmp_path / "plan", workers=1)
+    plan_domain(plan, domain.max_bytes, spec.data)
+    assert list(plan.digests()) == corpus.digests
     for split in ("train", "search", "test"):
         assert plan.count(split) == len(corpus.splits[split])
     assert plan.stats["documents_kept"] == corpus.stats["documents_kept"]
+    assert plan.stats["documents_kept"] < plan.stats["documents_read"]
+
+
+def test_small_groups_and_route_files_change_nothing(tmp_path, monkeypatch):
+    """The first pass's decisions and the piece index are sorted one file at a time:
+    many small files give the same shards as one."""
+    import merge_mix.data.prepare as prepare
+    import merge_mix.data.scan as scan
+    from merge_mix.data.shards import ShardWriter
+
+    reference = _prepare(tmp_path / "ref", 1)
+    monkeypatch.setattr(scan, "ROUTE_CHUNK", 3)
+    monkeypatch.setattr(prepare, "GROUP_BYTES", 3000)
+    groups = []
+    real = ShardWriter.__init__
+
+    def recorded(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        groups.append(len(self.groups))
+
+    monkeypatch.setattr(ShardWriter, "__init__", recorded)
+    small = _prepare(tmp_path / "small", 1)
+    assert max(groups) > 1
+    assert _files(small) == _files(reference)
+
+
+def test_shard_writer_orders_pieces_by_document_from_any_arrival_order(tmp_path):
+    from merge_mix.data.shards import ShardWriter
+
+    # Document rank -> its pieces' tokens (known answer: ranks in order, pieces in order).
+    pieces = {
+        r: [[100 * r + 10 * j + t for t in range(r % 3 + 1)] for j in range(2)] for r in range(6)
+    }
+
+    def batch(keys):
+        tokens, rows, pos = [], [], 0
+        for r, j in keys:
+            toks = pieces[r][j]
+            tokens += [1, *toks, 2]
+            rows.append((r + 10, j, pos, len(toks), 7))  # ranks need not start at 0
+            pos += len(toks) + 2
+        return np.array(tokens, np.uint16), np.array(rows, np.int64)
+
+    arrival = [
+        [(4, 1), (0, 0)],
+        [(5, 0), (2, 1), (2, 0)],
+        [(0, 1), (1, 0), (1, 1)],
+        [(3, 0), (3, 1), (4, 0), (5, 1)],
+    ]
+    out = {}
+    for groups in (None, [0, 12, 14]):
+        writer = ShardWriter(tmp_path / str(groups is None), "train", np.uint16, groups)
+        for keys in arrival:
+            writer.add(*batch(keys))
+        counts = writer.finish()
+        d = tmp_path / str(groups is None)
+        out[groups is None] = (
+            np.fromfile(d / "train.tokens", np.uint16),
+            np.load(d / "train.index.npy"),
+        )
+        assert not list(d.glob("*.part*"))
+    expected = [t for r in range(6) for j in range(2) for t in [1, *pieces[r][j], 2]]
+    tokens, index = out[False]
+    assert tokens.tolist() == expected
+    assert index[:, 3].tolist() == [r for r in range(6) for _ in range(2)]
+    assert [tokens[s : s + n].tolist() for s, n, _, _ in index] == [
+        pieces[r][j] for r in range(6) for j in range(2)
+    ]
+    assert counts == {"documents": 6, "pieces": 12, "tokens": 24, "stream_tokens": 48, "bytes": 84}
+    assert all(np.array_equal(a, b) for a, b in zip(out[True], out[False], strict=True))
 
 
 def test_an_interrupted_domain_is_redone_and_a_done_one_is_not(tmp_path, monkeypatch):
@@ -224,7 +317,7 @@ def test_a_domain_is_never_held_in_memory_whole(tmp_path, monkeypatch):
     spec = _spec_dict(tmp_path)
     spec["domains"] = {"many": {"sources": [{"jsonl": str(docs)}]}}
     spec["data"]["heldout_max_documents"] = 10
-    from merge_mix.pool import _prepare_data
+    from merge_mix.pool_build import _prepare_data
 
     s = load_spec(write_spec(tmp_path, spec))
     s.output_dir.mkdir(parents=True)
@@ -268,3 +361,14 @@ def test_spilled_shingles_are_the_sorted_union_and_cover_like_isin(tmp_path):
     assert not (tmp_path / "parts").exists()
     probe = np.unique(np.concatenate([union[::7], rng.integers(0, 2**64, 50, dtype=np.uint64)]))
     assert np.array_equal(covered_by(probe, [tmp_path / "s.npy"]), np.isin(probe, union))
+
+
+def test_large_uncapped_heldout_text_is_announced(tmp_path, monkeypatch, caplog):
+    import merge_mix.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "HELDOUT_WARN_BYTES", 50_000)
+    with caplog.at_level("WARNING", logger="merge_mix.data.prepare"):
+        _prepare(tmp_path, 1)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    # code (capped at 60 KB) holds ~54 KB held out, mail ~63 KB: both over 50,000 bytes.
+    assert len(warned) == 2 and all("set data.heldout_max_documents" in w for w in warned)

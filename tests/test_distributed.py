@@ -51,7 +51,7 @@ def test_torchrun_trains_one_component_with_the_same_recipe(tiny_spec_path, tiny
 def test_torchrun_without_only_is_refused(tiny_spec_path, tmp_path, monkeypatch):
     from merge_mix.config import load_spec
     from merge_mix.errors import MergeMixError
-    from merge_mix.pool import build_pool
+    from merge_mix.pool_build import build_pool
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     spec = load_spec(
@@ -104,8 +104,9 @@ def torchrun(tmp_path, port: int, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_fsdp_ddp_and_one_process_train_the_same_model(tmp_path):
     """2 gloo ranks on CPU: DDP, and FSDP2 (with activation checkpointing) interrupted
-    after its step-6 checkpoint and resumed by ONE process from that sharded run's
-    checkpoint, against one process: the same loss curve and weights up to rounding."""
+    after its step-6 checkpoint (sharded: one file per rank) and resumed from it by ONE
+    process and by 2 FSDP ranks, against one process: the same loss curve and weights up
+    to rounding."""
     import torch
     from safetensors.torch import load_file
     from test_checkpoint import SEQ, STEPS, sampler, spec, tiny_model
@@ -130,14 +131,69 @@ def test_fsdp_ddp_and_one_process_train_the_same_model(tmp_path):
     assert state["step"] == 6
     fsdp_losses = [r["train_loss"] for r in state["history"]]
     assert fsdp_losses == pytest.approx(ref_losses[:6], abs=1e-4)
+    assert_sharded_checkpoint(tmp_path / "fsdp" / "checkpoint", single)
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "fsdp2")
+
     resumed = tiny_model()  # one process continues the 2-rank FSDP run
     result = train_model(
         resumed, sampler(), spec(), STEPS * 4 * 2 * SEQ, SEQ, tmp_path / "fsdp",
         torch.device("cpu"), show_progress=False,
     )  # fmt: skip
     assert [r["train_loss"] for r in result.history] == pytest.approx(ref_losses, abs=1e-4)
+
+    # 2 FSDP ranks continue the same 2-rank checkpoint (each reads only its own rows).
+    done = torchrun(tmp_path, 29529, "fsdp", str(tmp_path / "fsdp2"), str(tmp_path / "f2.st"), "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    fsdp2 = json.loads((tmp_path / "f2.json").read_text())
+    assert [r["train_loss"] for r in fsdp2] == pytest.approx(ref_losses, abs=1e-4)
     # Measured: losses equal to the 5 recorded decimals, weights within 3e-7 (torch 2.13).
-    ddp_weights = load_file(str(tmp_path / "ddp.st"))
+    other_weights = [
+        load_file(str(tmp_path / "ddp.st")),
+        dict(resumed.named_parameters()),
+        load_file(str(tmp_path / "f2.st")),
+    ]
     for name, p in single.named_parameters():
-        for other in (ddp_weights[name], dict(resumed.named_parameters())[name]):
-            assert torch.allclose(other, p.detach(), rtol=0, atol=1e-5), name
+        for other in other_weights:
+            assert torch.allclose(other[name], p.detach(), rtol=0, atol=1e-5), name
+
+
+def assert_sharded_checkpoint(path, model):
+    """A 2-rank FSDP checkpoint: per-rank files, each holding FSDP2's dim-0 half of every
+    tensor (rows [0, ceil(n/2)) and [ceil(n/2), n)), AdamW's step in rank 0's file only."""
+    from safetensors import safe_open
+
+    assert sorted(p.name for p in path.iterdir()) == [
+        "model.rank0.safetensors",
+        "model.rank1.safetensors",
+        "optimizer.json",
+        "optimizer.rank0.safetensors",
+        "optimizer.rank1.safetensors",
+        "shards.json",
+        "state.json",
+    ]
+    index = json.loads((path / "shards.json").read_text())
+    assert index["world_size"] == 2
+    assert index["model"]["model.embed_tokens.weight"] == {
+        "shape": [64, 32],
+        "dtype": "float32",
+        "rows": [[0, 32], [32, 64]],
+    }
+    for name, p in model.named_parameters():
+        half = -(-p.shape[0] // 2)
+        rows = [[0, half], [half, p.shape[0]]]
+        assert index["model"][name]["rows"] == rows, name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert index["optimizer"][f"{name}::{key}"]["rows"] == rows, name
+        assert index["optimizer"][f"{name}::step"] == {
+            "shape": [],
+            "dtype": "float32",
+            "replicated": True,
+        }
+    for rank in (0, 1):
+        with safe_open(str(path / f"model.rank{rank}.safetensors"), "pt") as f:
+            assert f.get_slice("model.embed_tokens.weight").get_shape() == [32, 32]
+            assert f.get_slice("model.norm.weight").get_shape() == [16]
+        with safe_open(str(path / f"optimizer.rank{rank}.safetensors"), "pt") as f:
+            assert f.get_slice("model.embed_tokens.weight::exp_avg").get_shape() == [32, 32]
+            steps = [k for k in f.keys() if k.endswith("::step")]
+            assert len(steps) == (20 if rank == 0 else 0)

@@ -190,7 +190,8 @@ def family_pool(request, tmp_path_factory):
     from conftest import write_spec
 
     from merge_mix.config import load_spec
-    from merge_mix.pool import Pool, build_pool
+    from merge_mix.pool import Pool
+    from merge_mix.pool_build import build_pool
 
     family = request.param
     root = tmp_path_factory.mktemp(family.name)

@@ -87,7 +87,8 @@ def test_reimported_component_merges_bit_for_bit_and_is_never_retrained(
     tiny_pool, tiny_spec_path, tmp_path
 ):
     from merge_mix.config import load_spec
-    from merge_mix.pool import build_pool, recorded_spec, write_manifest
+    from merge_mix.pool import recorded_spec, write_manifest
+    from merge_mix.pool_build import build_pool
 
     pool = _copy_pool(tiny_pool, tmp_path / "pool")
     original = json.loads((tiny_pool / "components" / "code" / "component.json").read_text())

@@ -450,7 +450,8 @@ def test_train_components_on_a_read_only_pool(tiny_spec_path, pool_copy, tmp_pat
     def read_only(path, blocking=True):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr("merge_mix.pool.file_lock", read_only)
+    monkeypatch.setattr("merge_mix.pool_build.file_lock", read_only)
+    monkeypatch.setattr("merge_mix.pool.file_lock", read_only)  # write_manifest
     spec = tiny_spec_dict(tiny_spec_path.parent, output=str(pool_copy))
     line = _one_error_line(_train(write_spec(tmp_path, spec)))
     assert line.startswith(f"error: {pool_copy / '.prepare.lock'}: read-only file system")

@@ -14,7 +14,8 @@ from merge_mix.cli import main
 from merge_mix.config import load_spec
 from merge_mix.corpus import build_domain, cut_pieces
 from merge_mix.errors import MergeMixError
-from merge_mix.pool import Pool, build_pool, format_pool_table
+from merge_mix.pool import Pool, format_pool_table
+from merge_mix.pool_build import build_pool
 from merge_mix.tokens import MixtureSampler, Shard, load_tokenizer
 
 

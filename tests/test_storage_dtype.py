@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from merge_mix.config import load_spec
 from merge_mix.errors import MergeMixError
 from merge_mix.merge import merger_for_pool
-from merge_mix.pool import Pool, build_pool
+from merge_mix.pool import Pool
+from merge_mix.pool_build import build_pool
 from merge_mix.proxy import GIB, ProxyScorer, memory_plan
 
 W = np.array([0.2, 0.5, 0.3])

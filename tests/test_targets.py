@@ -23,7 +23,7 @@ def target_pool(tiny_pool, tiny_spec_path, tmp_path_factory) -> Path:
     """A copy of the tiny pool grown with a spec ``targets:`` section: `docs` (the http
     package, and three files the code domain holds)."""
     from merge_mix.config import load_spec
-    from merge_mix.pool import build_pool
+    from merge_mix.pool_build import build_pool
 
     root = tmp_path_factory.mktemp("targets")
     shutil.copytree(tiny_pool, root / "pool")

@@ -68,7 +68,8 @@ class _EchoHandler(logging.Handler):
     through click (so a test runner's captured stderr sees them too)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(self.format(record), err=True)
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        click.echo(prefix + self.format(record), err=True)
 
 
 def _log_to_stderr() -> None:

@@ -47,7 +47,8 @@ def demo(run_dir: Path, n_trials: int, objective: str, quiet: bool) -> None:
     """
     from merge_mix.config import builtin_spec_path, load_spec
     from merge_mix.objective import load_objective
-    from merge_mix.pool import build_pool, format_pool_table
+    from merge_mix.pool import format_pool_table
+    from merge_mix.pool_build import build_pool
     from merge_mix.search.config import SearchConfig
     from merge_mix.search.gradient import GradientConfig
     from merge_mix.search.pipeline import format_search_summary, search_pool

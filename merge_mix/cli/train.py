@@ -51,7 +51,8 @@ def train_components(
     from its last checkpoint). Adding a domain to SPEC trains only the new component.
     """
     from merge_mix.config import load_spec
-    from merge_mix.pool import build_pool, format_pool_table
+    from merge_mix.pool import format_pool_table
+    from merge_mix.pool_build import build_pool
 
     pool_spec = load_spec(spec)
     pool = build_pool(

@@ -5,8 +5,9 @@ domain is ever held in memory whole; each is read as a stream (`merge_mix.data.s
 several times:
 
 1. **Scan** (workers): one `merge_mix.data.split.DOC_DTYPE` row per document (digest,
-   size, bytes of its kept pieces). De-duplication within and across domains, the byte
-   cap and the split are decided from these rows (`merge_mix.data.split`).
+   size, bytes of its kept pieces), spilled to disk by digest. De-duplication within and
+   across domains, the byte cap and the split are decided from these rows, one digest
+   bucket at a time (`merge_mix.data.scan`, with the rules of `merge_mix.data.split`).
 2. **Tokenizer sample** (only when the pool trains its BPE): the first training
    documents in digest order, up to `tokenizer.sample_bytes` split evenly over domains.
 3. **Growth check** (workers; only when the pool already holds held-out text): which new
@@ -26,10 +27,13 @@ Then, with every new domain's training text known, held-out pieces near-duplicat
 training text are dropped, search and test are kept apart (`separate_splits`), the
 held-out shards and ``documents.sha256`` are written, and ``data.json`` last.
 
-Memory: `DOC_ROW_BYTES` per document read plus 40 bytes per training piece (the index
-being built), one bucket of n-gram hashes (about `BUCKET_BYTES`, four times that while it
-is de-duplicated, for domains up to ~5 GB of training text; proportionally more past that), ``2 x workers`` batches of `BATCH_BYTES` text in flight, and the
-held-out text with its n-grams; not the training text.
+Memory: one digest file of the scan's rows or one range of its routes
+(`merge_mix.data.scan`), one group of the piece index (`ShardWriter`), one bucket of n-gram
+hashes (about `BUCKET_BYTES`, four times that while it is de-duplicated, for domains up to
+~5 GB of training text; proportionally more past that), ``2 x workers`` batches of
+`BATCH_BYTES` text in flight, and the held-out text with its n-grams (capped by
+``heldout_max_documents`` / ``heldout_max_pieces``; a warning says when it is large and
+uncapped); nothing per training document or piece, and not the training text.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,18 +51,19 @@ import numpy as np
 
 from merge_mix.artifacts import read_json, write_json_atomic
 from merge_mix.config import DataSpec, DomainSpec, PoolSpec
+from merge_mix.data.scan import (
+    DomainPlan,
+    bucket_digests,
+    kept_digests,
+    plan_domain,
+    spill_scan,
+)
 from merge_mix.data.shards import ShardWriter, write_shard
 from merge_mix.data.sources import SKIP_REASONS, domain_documents
 from merge_mix.data.split import (
-    DOC_DTYPE,
-    DROPPED,
     SPLIT_CODE,
-    DomainPlan,
-    assign_splits,
     check_split,
     document_pieces,
-    drop_cross_domain,
-    plan_domain,
     text_hash,
     trim_heldout,
 )
@@ -85,6 +91,13 @@ TRAIN_DONE = "train.done.json"
 SHINGLE_BUCKETS = 64
 """Fewest n-gram spill buckets; more for large domains (`spill_buckets`)."""
 BUCKET_BYTES = 16 << 20
+GROUP_BYTES = 64 << 20
+"""Training text per group of documents whose piece index is sorted at once."""
+MAX_GROUPS = 256
+PLAN_DIR = "plan.parts"
+"""Where a domain's first-pass decisions are kept while it is prepared (removed after)."""
+DIGEST_CHUNK = 1 << 20
+HELDOUT_WARN_BYTES = 256 << 20
 _CHUNK = 1 << 22  # shingles compared per step against a stored set
 
 
@@ -110,16 +123,20 @@ def _stream(
 
 
 def scan_domain(
-    domain: DomainSpec, data: DataSpec, where: str, workers: int = 1, show_progress=False
+    domain: DomainSpec,
+    data: DataSpec,
+    where: str,
+    directory: Path,
+    workers: int = 1,
+    show_progress=False,
 ) -> DomainPlan:
-    """Pass 1: the rows of every document read, de-duplicated and capped."""
+    """Pass 1: the row of every document read, spilled to bucket files in `directory`
+    (decided on by `plan_domain`)."""
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     texts = _stream(domain, where, f"{domain.name}: scan", show_progress, skipped=skipped)
-    parts = list(
-        parallel_map(scan_batch, batched(texts, _size), workers, (data, None, None, "u2", None))
-    )
-    rows = np.concatenate(parts) if parts else np.zeros(0, DOC_DTYPE)
-    plan = plan_domain(domain.name, rows, domain.max_bytes)
+    initargs = (data, None, None, "u2", None)
+    parts = parallel_map(scan_batch, batched(texts, _size), workers, initargs)
+    plan = spill_scan(parts, directory, domain.name)
     plan.stats["skipped"] = skipped
     return plan
 
@@ -127,13 +144,10 @@ def scan_domain(
 def read_kept(domain: DomainSpec, data: DataSpec, where: str) -> tuple[dict[str, str], dict]:
     """A small domain's kept documents (de-duplicated, capped) by digest, read in two
     streaming passes so that only the kept ones are ever held (target sets)."""
-    plan = scan_domain(domain, data, where)
-    digests = [d.decode() for d in plan.kept["digest"]]
-    by_ordinal = dict(zip(plan.first.tolist(), digests, strict=True))
-    docs: dict[str, str] = {}
-    for i, text in enumerate(domain_documents(domain, where, warn=False)):
-        digest = by_ordinal.get(i)
-        if digest is not None:
+    with tempfile.TemporaryDirectory(prefix="merge-mix-scan-") as tmp:
+        plan = plan_domain(scan_domain(domain, data, where, Path(tmp)), domain.max_bytes, None)
+        docs: dict[str, str] = {}
+        for _, _, digest, text in _documents_of(plan, domain, where, "", False):
             _check_digest(text, digest, where)
             docs[digest] = text
     return docs, plan.stats
@@ -141,14 +155,14 @@ def read_kept(domain: DomainSpec, data: DataSpec, where: str) -> tuple[dict[str,
 
 def _documents_of(plan: DomainPlan, domain, where, desc, show_progress) -> Iterator[tuple]:
     """Pass 2+: ``(split code, rank, digest, text)`` of the documents the plan keeps."""
-    assert plan.split is not None and plan.rank is not None
-    kept = np.full(plan.n_read, -1, dtype=np.int64)
-    kept[plan.first] = np.arange(len(plan.first))
+    routes = plan.routes()
+    route = next(routes, None)
     for i, text in enumerate(_stream(domain, where, desc, show_progress, plan.read_bytes)):
-        k = kept[i] if i < plan.n_read else -1
-        if k < 0 or plan.split[k] == DROPPED:
-            continue
-        yield int(plan.split[k]), int(plan.rank[k]), plan.kept["digest"][k].decode(), text
+        if route is None:
+            return  # nothing further is kept
+        if i == route[0]:
+            yield route[1], route[2], route[3], text
+            route = next(routes, None)
 
 
 def _check_digest(text: str, digest: str, where: str) -> None:
@@ -236,16 +250,18 @@ def covered_by(shingles: np.ndarray, paths: list[Path]) -> np.ndarray:
     return covered
 
 
-def pool_digests(data_dir: Path, earlier: list[str]) -> np.ndarray:
-    """The ``documents.sha256`` of domains `earlier`, as one ``S64`` array."""
+def pool_digests(data_dir: Path, earlier: list[str]) -> Iterator[np.ndarray]:
+    """The ``documents.sha256`` of domains `earlier`, as ``S64`` arrays of at most
+    `DIGEST_CHUNK` digests."""
     from merge_mix.pool import DIGESTS
 
-    parts = []
     for d in earlier:
         path = data_dir / d / DIGESTS
-        if path.is_file():
-            parts.append(np.array(path.read_text().split(), dtype="S64"))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype="S64")
+        if not path.is_file():
+            continue
+        with path.open("rb") as fh:
+            while lines := fh.readlines(DIGEST_CHUNK * 65):
+                yield np.array([line.strip() for line in lines], dtype="S64")
 
 
 def heldout_texts(data_dir: Path, data: dict, split: str) -> list[str]:
@@ -266,10 +282,7 @@ def _train_tokenizer(spec, plans, domains, where, show_progress):
     per_domain = max(1, spec.tokenizer.sample_bytes // max(1, len(plans)))
     sample = {}
     for plan, domain in zip(plans, domains, strict=True):
-        train = plan.split == SPLIT_CODE["train"]
-        piece_bytes = plan.kept["piece_bytes"][train]  # by rank
-        before = np.concatenate([[0], np.cumsum(piece_bytes)[:-1]])
-        needed = int((before < per_domain).sum())
+        needed = sum(int((before < per_domain).sum()) for before in plan.train_bytes_before())
         docs: dict[int, list[str]] = {}
         for code, rank, digest, text in _documents_of(
             plan, domain, where[plan.name], f"{plan.name}: tokenizer sample", show_progress
@@ -334,7 +347,7 @@ def _protect(plans, domains, where, existing, earlier_train, spec, workers, show
 
 def _train_key(plan: DomainPlan, spec: PoolSpec, tok_sha: str, dropped) -> str:
     blob = hashlib.sha256()
-    blob.update(plan.kept["digest"][plan.split == SPLIT_CODE["train"]].tobytes())
+    plan.update_train_hash(blob)
     blob.update(json.dumps(dataclasses.asdict(spec.data), sort_keys=True).encode())
     blob.update(tok_sha.encode())
     blob.update(json.dumps(sorted((r, sorted(js)) for r, js in dropped.items())).encode())
@@ -377,7 +390,7 @@ def _tokenize_domain(
     marker.unlink(missing_ok=True)
     bos, eos = special_ids(tokenizer)
     dtype = token_dtype(len(tokenizer))
-    writer = ShardWriter(out, "train", dtype)
+    writer = ShardWriter(out, "train", dtype, plan.rank_groups(GROUP_BYTES, MAX_GROUPS))
     spill = ShingleSpill(out / "train.shingles.parts", spill_buckets(plan.read_bytes))
     initargs = (spec.data, tokenizer.backend_tokenizer.to_str(), (bos, eos), dtype.str, None)
     batches = batched(train_items(), lambda x: _size(x[1]))
@@ -404,6 +417,31 @@ def prepare_domains(
     """Prepare every spec domain not in `data` (``data.json``, updated and written last).
     `sources_hash(spec, name)` is recorded per domain; `workers` defaults to the cores
     available."""
+    try:
+        return _prepare_domains(spec, pool_dir, data, sources_hash, workers, show_progress)
+    finally:  # the first pass's files, whether the stage finished or not
+        for path in (pool_dir / "data").glob(f"*/{PLAN_DIR}"):
+            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(pool_dir / "data" / f"{PLAN_DIR}.pool", ignore_errors=True)
+
+
+def _warn_heldout_size(plan: DomainPlan, data: DataSpec, where: str) -> None:
+    """Held-out text is held in memory while it is decontaminated: say so when a domain's
+    is large and nothing caps it."""
+    held = sum(plan.piece_bytes.get(SPLIT_CODE[s], 0) for s in HELDOUT)
+    if data.heldout_max_pieces is not None:
+        documents = sum(plan.count(s) for s in HELDOUT)
+        held = min(held, documents * data.heldout_max_pieces * data.max_doc_bytes)
+    if held > HELDOUT_WARN_BYTES:
+        logger.warning(
+            "%s: %d MB of held-out text (heldout_fraction %g) will be held in memory while"
+            " it is decontaminated; set data.heldout_max_documents or"
+            " data.heldout_max_pieces to cap it",
+            where, held >> 20, data.heldout_fraction,
+        )  # fmt: skip
+
+
+def _prepare_domains(spec, pool_dir, data, sources_hash, workers, show_progress) -> dict:
     from merge_mix.pool import DIGESTS, SHINGLES
 
     workers = workers or default_workers()
@@ -413,12 +451,15 @@ def prepare_domains(
     plans = []
     for d in todo:
         logger.info("[%s] reading domain %r", spec.name, d.name)
-        plans.append(scan_domain(d, spec.data, where[d.name], workers, show_progress))
+        directory = data_dir / d.name / PLAN_DIR
+        plans.append(scan_domain(d, spec.data, where[d.name], directory, workers, show_progress))
     earlier = list(data["domains"])
-    drop_cross_domain(plans, pool_digests(data_dir, earlier))
-    for plan in plans:
-        assign_splits(plan, spec.data)
+    taken = [bucket_digests(pool_digests(data_dir, earlier), data_dir / f"{PLAN_DIR}.pool")]
+    for plan, d in zip(plans, todo, strict=True):
+        plan_domain(plan, d.max_bytes, spec.data, taken)
         check_split(plan.count("train"), "train", where[plan.name])
+        _warn_heldout_size(plan, spec.data, where[plan.name])
+        taken.append(kept_digests(plan))
     tok_dir = pool_dir / "tokenizer"
     if not (tok_dir / "tokenizer_config.json").is_file():
         if spec.tokenizer.path is not None:
@@ -506,7 +547,8 @@ def prepare_domains(
         entry["train"] = train_counts[plan.name]
         for s in HELDOUT:
             entry[s] = write_shard(tokenizer, held[plan.name][s], out, s, keep_text=True)
-        (out / (DIGESTS + ".tmp")).write_text("".join(f"{h}\n" for h in plan.digests()))
+        with (out / (DIGESTS + ".tmp")).open("w") as fh:
+            fh.writelines(f"{h}\n" for h in plan.digests())
         (out / (DIGESTS + ".tmp")).replace(out / DIGESTS)
         data["domains"][plan.name] = entry
     write_json_atomic(data_dir / "data.json", data)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from merge_mix.data.scan import BucketFiles
 from merge_mix.data.tokenizer import encode_pieces, special_ids, token_dtype
 from merge_mix.errors import MergeMixError
 
@@ -100,81 +101,122 @@ def shard_counts(index: np.ndarray, documents: int, stream_tokens: int) -> dict[
     }
 
 
+ROW_DTYPE = np.dtype(
+    [("rank", "<i8"), ("piece", "<i8"), ("start", "<i8"), ("n_tokens", "<i8"), ("n_bytes", "<i8")]
+)
+"""A piece as `ShardWriter` receives it: document rank, piece number, start in the part
+file, tokens without BOS/EOS, UTF-8 bytes."""
+
+
 class ShardWriter:
     """Appends tokenized pieces, in the order workers return them, to
     ``<split>.tokens.part``; `finish` writes the shard in document order.
 
     `add` takes one batch: its tokens (``BOS piece EOS`` after each other) and one row per
-    piece, ``(document, piece, start, n_tokens, n_bytes)``, `start` relative to the batch
-    and pointing at the piece's BOS. Rows are kept in memory (40 bytes per piece)."""
+    piece, ``(document rank, piece, start, n_tokens, n_bytes)``, `start` relative to the
+    batch and pointing at the piece's BOS. Rows go to disk, one file per group of
+    documents (`groups`: the first rank of each group, from 0), and `finish` sorts one
+    group at a time: memory is one group's rows (40 bytes a piece), not the domain's."""
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype):
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, groups=None):
         self.out_dir, self.split, self.dtype = Path(out_dir), split, np.dtype(dtype)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.part = self.out_dir / f"{split}.tokens.part"
+        self.groups = np.zeros(1, np.int64) if groups is None else np.asarray(groups, np.int64)
         self._fh = self.part.open("wb")
-        self._rows: list[np.ndarray] = []
-        self.pos = 0
+        self._rows = BucketFiles(self.out_dir / f"{split}.rows.parts", ROW_DTYPE)
+        self.pos = self.n_pieces = 0
 
     def add(self, tokens: np.ndarray, rows: np.ndarray) -> None:
         if len(rows):
-            rows = rows.copy()
-            rows[:, 2] += self.pos
-            self._rows.append(rows)
+            rows = np.array(rows, dtype=np.int64).view(ROW_DTYPE).reshape(-1)  # a copy
+            rows["start"] += self.pos
+            group = np.searchsorted(self.groups, rows["rank"], side="right") - 1
+            self._rows.add(rows, group)
+            self.n_pieces += len(rows)
         self._fh.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
         self.pos += len(tokens)
 
     def abort(self) -> None:
         self._fh.close()
+        self._rows.remove()
         self.part.unlink(missing_ok=True)
+
+    def _sorted_groups(self):
+        """Each group's rows sorted by (rank, piece), in rank order."""
+        for g in self._rows.numbers():
+            rows = self._rows.read(g)
+            yield rows[np.lexsort((rows["piece"], rows["rank"]))]
 
     def finish(self) -> dict[str, int]:
         """Write ``<split>.tokens`` and ``<split>.index.npy`` with the pieces sorted by
         (document, piece) and documents renumbered densely; return the counts."""
         self._fh.close()
-        rows = np.concatenate(self._rows) if self._rows else np.zeros((0, 5), np.int64)
-        order = np.lexsort((rows[:, 1], rows[:, 0]))
-        rows = rows[order]
-        index = np.zeros((len(rows), 4), dtype=np.int64)
-        lengths = rows[:, 3] + 2
-        index[:, 0] = np.concatenate([[0], np.cumsum(lengths)[:-1]]) + 1
-        index[:, 1] = rows[:, 3]
-        index[:, 2] = rows[:, 4]
-        _, index[:, 3] = np.unique(rows[:, 0], return_inverse=True)
+        self._rows.close()
+        index_tmp = self.out_dir / f"{self.split}.index.npy.tmp"
+        in_order = True
+        start = documents = tokens = n_bytes = 0
+        with index_tmp.open("wb") as out:
+            header = {"descr": "<i8", "fortran_order": False, "shape": (self.n_pieces, 4)}
+            np.lib.format.write_array_header_1_0(out, header)
+            for rows in self._sorted_groups():
+                index = np.zeros((len(rows), 4), dtype=np.int64)
+                lengths = rows["n_tokens"] + 2
+                index[:, 0] = start + np.concatenate([[0], np.cumsum(lengths)[:-1]]) + 1
+                index[:, 1] = rows["n_tokens"]
+                index[:, 2] = rows["n_bytes"]
+                _, dense = np.unique(rows["rank"], return_inverse=True)
+                index[:, 3] = documents + dense.reshape(-1)
+                in_order &= bool(np.array_equal(rows["start"], index[:, 0] - 1))
+                out.write(index.tobytes())
+                start += int(lengths.sum())
+                documents += int(dense.max()) + 1 if len(rows) else 0
+                tokens += int(rows["n_tokens"].sum())
+                n_bytes += int(rows["n_bytes"].sum())
         final = self.out_dir / f"{self.split}.tokens"
         tmp = self.out_dir / f"{self.split}.tokens.tmp"
-        if np.array_equal(rows[:, 2], index[:, 0] - 1) and self.pos == int(lengths.sum()):
+        if in_order and self.pos == start:
             self.part.replace(tmp)  # already in document order
         else:
-            _copy_in_order(self.part, tmp, self.dtype, rows[:, 2], lengths)
+            runs = ((rows["start"], rows["n_tokens"] + 2) for rows in self._sorted_groups())
+            _copy_in_order(self.part, tmp, self.dtype, runs)
             self.part.unlink()
+        self._rows.remove()
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
-        save_npy_atomic(self.out_dir / f"{self.split}.index.npy", index)
+        index_tmp.replace(self.out_dir / f"{self.split}.index.npy")
         tmp.replace(final)
-        return shard_counts(index, int(index[-1, 3]) + 1 if len(index) else 0, self.pos)
+        return {
+            "documents": documents,
+            "pieces": self.n_pieces,
+            "tokens": tokens,
+            "stream_tokens": self.pos,
+            "bytes": n_bytes,
+        }
 
 
-def _copy_in_order(src: Path, dst: Path, dtype, starts: np.ndarray, lengths: np.ndarray):
-    """Copy runs of `src` to `dst` in the given order, with positioned reads (no memory
-    map, whose pages would count in the process's resident memory)."""
+def _copy_in_order(src: Path, dst: Path, dtype, runs):
+    """Copy runs of `src` to `dst` in the given order (`runs`: pairs of arrays, starts and
+    lengths in tokens), with positioned reads (no memory map, whose pages would count in
+    the process's resident memory)."""
     size = np.dtype(dtype).itemsize
     with src.open("rb") as fin, dst.open("wb") as fout:
         fd = fin.fileno()
         buf: list[bytes] = []
         held = 0
         run_start, run_len = -1, 0
-        for start, n in [*zip(starts.tolist(), lengths.tolist(), strict=True), (-1, 0)]:
-            if start == run_start + run_len and run_len:
-                run_len += n  # contiguous in the source: one read
-                continue
-            if run_len:
-                buf.append(os.pread(fd, run_len * size, run_start * size))
-                held += run_len * size
-                if held >= COPY_BYTES:
-                    fout.write(b"".join(buf))
-                    buf, held = [], 0
-            run_start, run_len = start, n
+        for starts, lengths in [*runs, (np.array([-1]), np.array([0]))]:
+            for start, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+                if start == run_start + run_len and run_len:
+                    run_len += n  # contiguous in the source: one read
+                    continue
+                if run_len:
+                    buf.append(os.pread(fd, run_len * size, run_start * size))
+                    held += run_len * size
+                    if held >= COPY_BYTES:
+                        fout.write(b"".join(buf))
+                        buf, held = [], 0
+                run_start, run_len = start, n
         fout.write(b"".join(buf))
 
 

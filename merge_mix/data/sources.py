@@ -4,10 +4,10 @@ Every reader yields one document (a ``str``) at a time and holds at most one rec
 batch: ``jsonl`` and ``csv`` line by line, ``parquet`` by row groups (pyarrow), a
 ``datasets`` directory (``hf_disk``) in batches of `BATCH_ROWS` rows, a ``files`` glob one
 file at a time (the matching paths are listed and sorted, their contents read lazily),
-the built-in corpora one file at a time. A ``json`` source (one JSON document holding a
-list of records) is parsed whole: use ``jsonl`` for large data. The order is stable, so
-reading a source twice yields the same documents in the same order (the data stage reads
-each source more than once: `merge_mix.data.prepare`). Blank documents are skipped.
+the built-in corpora one file at a time, a ``json`` source (one JSON document: a list of
+records, or an object with a column of texts) one record at a time. The order is stable,
+so reading a source twice yields the same documents in the same order (the data stage
+reads each source more than once: `merge_mix.data.prepare`). Blank documents are skipped.
 
 The built-in corpora read text that ships with every Python installation that has
 merge-mix installed: the interpreter's own files (found with `sysconfig`) and the files of
@@ -36,12 +36,16 @@ import logging
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from merge_mix.config import DomainSpec, SourceSpec
 from merge_mix.errors import MergeMixError
 
 BATCH_ROWS = 1024
 """Rows per batch read from a parquet file or a ``datasets`` directory."""
+JSON_CHUNK = 1 << 20
+"""Characters read at a time from a ``json`` source."""
+_DECODER = json.JSONDecoder()
 logger = logging.getLogger(__name__)
 
 # Built-in corpora skip files above this size: a single huge JSON or header would
@@ -230,6 +234,98 @@ def _records_text(records: Iterator[dict], src: SourceSpec, where: str) -> Itera
         yield value
 
 
+class JsonStream:
+    """A JSON text read in `JSON_CHUNK` pieces, parsed one value at a time."""
+
+    def __init__(self, fh, path: Path):
+        self.fh, self.path = fh, path
+        self.buf, self.pos, self.lines, self.eof = "", 0, 1, False
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.fh.read(JSON_CHUNK)
+        if self.pos > JSON_CHUNK:  # drop what was parsed
+            self.lines += self.buf.count("\n", 0, self.pos)
+            self.buf, self.pos = self.buf[self.pos :], 0
+        self.buf += chunk
+        self.eof = not chunk
+        return bool(chunk)
+
+    def fail(self, what: str = "not valid JSON") -> MergeMixError:
+        line = self.lines + self.buf.count("\n", 0, self.pos)
+        return MergeMixError(f"{self.path}: {what} (line {line})")
+
+    def peek(self) -> str:
+        """The next character that is not white space ("" at the end)."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self._more():
+                return self.buf[self.pos : self.pos + 1]
+
+    def expect(self, chars: str) -> str:
+        c = self.peek()
+        if not c or c not in chars:
+            raise self.fail()
+        self.pos += 1
+        return c
+
+    def value(self) -> Any:
+        """The next JSON value, read whole."""
+        self.peek()
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError:
+                if self._more():
+                    continue
+                raise self.fail() from None
+            if end < len(self.buf) or self.eof or not self._more():
+                self.pos = end  # (a number cut at the chunk's end reads on)
+                return value
+
+    def items(self) -> Iterator[Any]:
+        """The values of the array that starts here, one at a time."""
+        self.expect("[")
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        while True:
+            yield self.value()
+            if self.expect(",]") == "]":
+                return
+
+
+def _json_records(stream: JsonStream, src: SourceSpec) -> Iterator[dict]:
+    """Records of a ``json`` source: a list of records, or an object whose `text_field` is
+    a list of texts (other keys are read past), without reading the file whole."""
+    field = src.text_field
+    if stream.peek() == "[":
+        yield from stream.items()
+    elif stream.peek() == "{":
+        stream.pos += 1
+        found = False
+        while stream.peek() != "}":
+            key = stream.value()
+            stream.expect(":")
+            if key == field and stream.peek() == "[":
+                found = True
+                yield from ({field: t} for t in stream.items())
+            else:
+                stream.value()
+            if stream.expect(",}") == "}":
+                break
+        else:
+            stream.pos += 1
+        if not found:
+            raise stream.fail(f"expected a list of records or a column {field!r}")
+    else:
+        raise stream.fail(f"expected a list of records or a column {field!r}")
+    if stream.peek():
+        raise stream.fail("extra data after the JSON document")
+
+
 def _jsonl_records(path: Path, encoding: str) -> Iterator[dict]:
     with path.open(encoding=encoding) as fh:
         for lineno, line in enumerate(fh, 1):
@@ -317,17 +413,8 @@ def _raw_documents(src: SourceSpec, where: str, counts: dict[str, int]) -> Itera
         if src.kind == "jsonl":
             yield from _records_text(_jsonl_records(path, encoding), src, str(path))
         elif src.kind == "json":
-            try:
-                data = json.loads(path.read_text(encoding=encoding))
-            except json.JSONDecodeError as exc:
-                raise MergeMixError(f"{path}: not valid JSON (line {exc.lineno})") from None
-            if isinstance(data, dict) and isinstance(data.get(src.text_field), list):
-                data = [{src.text_field: t} for t in data[src.text_field]]
-            if not isinstance(data, list):
-                raise MergeMixError(
-                    f"{path}: expected a list of records or a column {src.text_field!r}"
-                )
-            yield from _records_text(iter(data), src, str(path))
+            with path.open(encoding=encoding) as fh:
+                yield from _records_text(_json_records(JsonStream(fh, path), src), src, str(path))
         elif src.kind == "csv":
             with path.open(encoding=encoding, newline="") as fh:
                 reader = csv.DictReader(fh)

@@ -2,9 +2,9 @@
 
 A document is known by the SHA-256 of its UTF-8 text (`text_hash`, 64 hex digits). One
 streaming pass over a domain's sources (`merge_mix.data.prepare`) records, per document
-read, only a `DocInfo` row: its digest, its size and how many bytes its kept pieces hold.
-Everything below decides from those rows, never from texts, so its memory is
-`DOC_ROW_BYTES` per document read, whatever the domain's size:
+read, only a `DOC_DTYPE` row: its digest, its size and how many bytes its kept pieces hold.
+Everything below is decided from those rows, never from texts, one digest bucket at a time
+(`merge_mix.data.scan`):
 
 - **Within-domain de-duplication**: the first document of each digest is kept.
 - **The byte cap** (`max_bytes`): documents are taken in digest order (a fixed
@@ -49,9 +49,6 @@ DROPPED = -1
 DOC_DTYPE = np.dtype([("digest", "S64"), ("bytes", "<i8"), ("piece_bytes", "<i8")])
 """One row per document read: hex SHA-256, UTF-8 size, bytes of its kept pieces (0 when
 no piece reaches `min_doc_bytes`)."""
-DOC_ROW_BYTES = DOC_DTYPE.itemsize + 9
-"""Memory per document read while a domain is prepared: its row plus its route (split
-code and rank)."""
 
 
 def text_hash(text: str) -> str:
@@ -120,97 +117,14 @@ def doc_info(texts: Iterable[str], data: DataSpec) -> np.ndarray:
     return np.array(rows, dtype=DOC_DTYPE)
 
 
-@dataclass
-class DomainPlan:
-    """What the first pass decided for one domain: which document read goes where."""
-
-    name: str
-    n_read: int
-    kept: np.ndarray
-    """`DOC_DTYPE` rows of the documents kept (de-duplicated, capped), in digest order."""
-    first: np.ndarray
-    """For each kept row, the ordinal (in read order) of its first occurrence."""
-    stats: dict[str, Any] = field(default_factory=dict)
-    read_bytes: int = 0
-    """UTF-8 bytes of every document read (duplicates included)."""
-    split: np.ndarray | None = None
-    """Per kept row: a `SPLIT_CODE` value, or `DROPPED`."""
-    rank: np.ndarray | None = None
-    """Per kept row: its position among its split's documents (digest order)."""
-
-    def route(self) -> tuple[np.ndarray, np.ndarray]:
-        """(split code, rank) per document ordinal in read order (`DROPPED` when not kept)."""
-        assert self.split is not None and self.rank is not None
-        code = np.full(self.n_read, DROPPED, dtype=np.int8)
-        rank = np.zeros(self.n_read, dtype=np.int64)
-        code[self.first] = self.split
-        rank[self.first] = self.rank
-        return code, rank
-
-    def digests(self) -> list[str]:
-        """The digests of the documents with pieces (``documents.sha256``), digest order."""
-        assert self.split is not None
-        return [d.decode() for d in self.kept["digest"][self.split != DROPPED]]
-
-    def count(self, split: str) -> int:
-        assert self.split is not None
-        return int((self.split == SPLIT_CODE[split]).sum())
-
-
-def plan_domain(name: str, rows: np.ndarray, max_bytes: int | None) -> DomainPlan:
-    """De-duplicate (first occurrence) and cap `rows` (read order) by digest order."""
-    digests, first = np.unique(rows["digest"], return_index=True)
-    kept = rows[first]
-    if max_bytes is not None and len(kept):
-        before = np.concatenate([[0], np.cumsum(kept["bytes"])[:-1]])
-        take = before < max_bytes
-        kept, first = kept[take], first[take]
-    stats = {
-        "documents_read": len(rows),
-        "duplicates_removed": len(rows) - len(digests),
-        "documents_kept": len(kept),
-    }
-    return DomainPlan(
-        name=name,
-        n_read=len(rows),
-        kept=kept,
-        first=first,
-        stats=stats,
-        read_bytes=int(rows["bytes"].sum()),
-    )
-
-
-def drop_cross_domain(plans: list[DomainPlan], earlier: np.ndarray) -> None:
-    """Remove from each plan the digests of earlier plans (spec order) and `earlier` (the
-    pool's existing domains, ``S64``); records ``cross_domain_duplicates_removed``."""
-    seen = np.unique(np.asarray(earlier, dtype="S64"))
-    for plan in plans:
-        dup = np.isin(plan.kept["digest"], seen)
-        plan.stats["cross_domain_duplicates_removed"] = int(dup.sum())
-        plan.kept, plan.first = plan.kept[~dup], plan.first[~dup]
-        seen = np.union1d(seen, plan.kept["digest"])
-
-
-def assign_splits(plan: DomainPlan, data: DataSpec) -> None:
-    """Fill `plan.split` and `plan.rank` (see `merge_mix.data.split`)."""
-    split = np.full(len(plan.kept), DROPPED, dtype=np.int8)
-    held = 0
-    for i, (digest, _, piece_bytes) in enumerate(plan.kept.tolist()):
-        if not piece_bytes:
-            continue
-        digest = digest.decode()
-        code = 0
-        if is_heldout(digest, data.heldout_fraction) and (
-            data.heldout_max_documents is None or held < data.heldout_max_documents
-        ):
-            code = SPLIT_CODE[heldout_role(digest, data.test_fraction)]
-            held += 1
-        split[i] = code
-    rank = np.zeros(len(split), dtype=np.int64)
-    for code in SPLIT_CODE.values():
-        mask = split == code
-        rank[mask] = np.arange(int(mask.sum()))
-    plan.split, plan.rank = split, rank
+def split_of(digest: str, data: DataSpec, held: int) -> str:
+    """``train``, ``search`` or ``test`` for a document with pieces, `held` documents
+    having been held out before it (digest order)."""
+    if is_heldout(digest, data.heldout_fraction) and (
+        data.heldout_max_documents is None or held < data.heldout_max_documents
+    ):
+        return heldout_role(digest, data.test_fraction)
+    return "train"
 
 
 def trim_heldout(pieces: list[str], data: DataSpec) -> tuple[list[str], int]:
@@ -272,18 +186,15 @@ def split_domain(
     name: str, docs: dict[str, str], data: DataSpec, stats: dict[str, Any] | None = None
 ) -> DomainCorpus:
     """Split documents (by SHA-256) into train / search / test and cut them into pieces:
-    the rules of `assign_splits` on texts held in memory."""
+    the rules of `merge_mix.data.scan.plan_domain` on texts held in memory."""
     corpus = DomainCorpus(name=name, stats=dict(stats or {}))
     held = trimmed = 0
     for digest in sorted(docs):
         pieces = document_pieces(docs[digest], data)
         if not pieces:
             continue
-        split = "train"
-        if is_heldout(digest, data.heldout_fraction) and (
-            data.heldout_max_documents is None or held < data.heldout_max_documents
-        ):
-            split = heldout_role(digest, data.test_fraction)
+        split = split_of(digest, data, held)
+        if split != "train":
             held += 1
             pieces, cut = trim_heldout(pieces, data)
             trimmed += cut

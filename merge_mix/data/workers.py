@@ -7,7 +7,7 @@ memory. With one worker everything runs in the calling process: the results are 
 for any number of workers.
 
 Workers are forked where the platform can (Linux): a fork starts at once and does not
-re-run the caller's main module, so a script calling `merge_mix.pool.build_pool` needs no
+re-run the caller's main module, so a script calling `merge_mix.pool_build.build_pool` needs no
 ``if __name__ == "__main__":`` guard there. Workers touch neither torch nor the parent's
 tokenizer (each builds its own from the tokenizer's JSON, single threaded). Elsewhere
 they are spawned, and scripts need the guard.

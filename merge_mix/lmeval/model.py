@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,8 @@ from typing import Any
 from merge_mix.errors import MergeMixError
 from merge_mix.lmeval.score import hflm_bos_args, quiet_lm_eval
 from merge_mix.lmeval.tasks import sanitise
+
+logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "merge-mix"
 # --model_args keys whose value is a NAME:VALUE list (commas there are not lm-eval's).
@@ -50,7 +53,7 @@ def resolve_device(requested: str | None = None):
     from merge_mix.model import pick_device
 
     if requested and str(requested).startswith("cuda") and not torch.cuda.is_available():
-        print(f"note: device {requested} is not available; using auto", file=sys.stderr)
+        logger.warning("device %s is not available; using auto", requested)
         requested = None
     device = pick_device(str(requested) if requested else "auto")
     if device.type == "cuda" and device.index is None:
@@ -145,7 +148,7 @@ def register_model_type() -> type:
                 general=opened.general_mixture(),
                 as_mixture=mixture is not None,
                 extrapolate=bool(extrapolate),
-                notice=lambda msg: print(msg, file=sys.stderr),
+                notice=logger.warning,
             )
             torch_device = resolve_device(device)
             self.pool = opened

@@ -123,7 +123,9 @@ def verified_record(pool: Pool, ref_id: str, discard: bool = False) -> dict[str,
     except MergeMixError:
         ok = False
     if not ok and discard:
-        _log(f"warning: {path.parent}: weights do not match their recorded sha256; retraining")
+        logging.getLogger(__name__).warning(
+            f"{path.parent}: weights do not match their recorded sha256; retraining"
+        )
         path.unlink()
     return record if ok else None
 
