@@ -1,7 +1,8 @@
 """Do pools and exports written with transformers 5.x load, and compute the same, in 4.x?
 
 For each family of ``tests/test_families.py`` (Llama with rope_theta 500000 and a BOS-adding
-byte-level BPE, Qwen2, Mistral, GPT-NeoX, GPT-2, Gemma; tiny random bases saved locally),
+byte-level BPE, Qwen2, Mistral, GPT-NeoX, GPT-2, Gemma, OLMo 2; tiny random bases saved
+locally; a family whose model type the 4.x release does not know is reported as skipped),
 this builds a two-domain pool with the installed merge-mix and transformers 5.x, exports a
 50/50 merge, then, for the pool's base, one component and the export:
 
@@ -44,7 +45,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 # The 4.x stack installed into the scratch venv (tokenizers and huggingface_hub releases
 # that transformers 4.46 accepts).
-STACK = {"4.46.3": ["tokenizers==0.20.3", "huggingface_hub==0.26.5"]}
+STACK = {
+    "4.46.3": ["tokenizers==0.20.3", "huggingface_hub==0.26.5"],
+    "4.47.1": ["tokenizers==0.21.0", "huggingface_hub==0.26.5"],  # the first with OLMo 2
+}
 TOLERANCE = 1e-5
 
 # Runs inside either version: logits and encodings of every directory in a job file.
@@ -130,6 +134,16 @@ def build(family, root: Path) -> dict[str, str]:
     }
 
 
+def model_types(python: str) -> set[str]:
+    """The model types (``config.json``'s ``model_type``) that `python`'s transformers knows."""
+    code = (
+        "import json; from transformers.models.auto.configuration_auto import"
+        " CONFIG_MAPPING_NAMES as m; print(json.dumps(sorted(m)))"
+    )
+    run = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True)
+    return set(json.loads(run.stdout))
+
+
 def probe(python: str, dirs: dict[str, str], ids: list[int], texts: list[str], out: Path):
     import numpy as np
 
@@ -170,8 +184,14 @@ def main() -> int:
     wanted = [f for f in fam.FAMILIES if not args.families or f.name in args.families.split(",")]
     scratch = Path(tempfile.mkdtemp(prefix="merge-mix-compat-"))
     rows, ok = [], True
+    known = model_types(str(python))
     try:
         for family in wanted:
+            if family.name not in known:  # e.g. OLMo 2, added in transformers 4.47
+                why = f"model type {family.name!r} is not in transformers {args.transformers}"
+                rows.append({"family": family.name, "skipped": why})
+                print(f"{family.name:9s} skipped: {why}", flush=True)
+                continue
             root = scratch / family.name
             dirs = build(family, root)
             tok = load_tokenizer(dirs["export"])
