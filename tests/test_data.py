@@ -363,6 +363,32 @@ def test_spilled_shingles_are_the_sorted_union_and_cover_like_isin(tmp_path):
     assert np.array_equal(covered_by(probe, [tmp_path / "s.npy"]), np.isin(probe, union))
 
 
+def test_a_large_spill_bucket_is_split_before_it_is_sorted(tmp_path, monkeypatch):
+    import merge_mix.data.prepare as prepare
+    from merge_mix.data.scan import BucketFiles
+
+    monkeypatch.setattr(prepare, "BUCKET_BYTES", 64)  # 8 hashes
+    splits = []
+    real = BucketFiles.__init__
+
+    def recorded(self, directory, *args, **kwargs):
+        real(self, directory, *args, **kwargs)
+        splits.append(Path(directory).relative_to(tmp_path / "parts").parts)
+
+    monkeypatch.setattr(BucketFiles, "__init__", recorded)
+    rng = np.random.default_rng(1)
+    arrays = [np.unique(rng.integers(0, 2**64, 400, dtype=np.uint64)) for _ in range(3)]
+    arrays += [arrays[1][::3], np.full(1, arrays[2][5])]  # repeats across batches
+    spill = prepare.ShingleSpill(tmp_path / "parts", buckets=2)  # ~600 hashes a bucket
+    for a in arrays:
+        spill.add(a)
+    n = spill.finish(tmp_path / "s.npy")
+    union = np.unique(np.concatenate(arrays))
+    assert n == len(union) and np.array_equal(np.load(tmp_path / "s.npy"), union)
+    assert ("0.split",) in splits and ("1.split",) in splits  # each bucket split
+    assert max(len(parts) for parts in splits) >= 2  # and some of their parts again
+
+
 def test_large_uncapped_heldout_text_is_announced(tmp_path, monkeypatch, caplog):
     import merge_mix.data.prepare as prepare
 

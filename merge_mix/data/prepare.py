@@ -29,8 +29,8 @@ held-out shards and ``documents.sha256`` are written, and ``data.json`` last.
 
 Memory: one digest file of the scan's rows or one range of its routes
 (`merge_mix.data.scan`), one group of the piece index (`ShardWriter`), one bucket of n-gram
-hashes (about `BUCKET_BYTES`, four times that while it is de-duplicated, for domains up to
-~5 GB of training text; proportionally more past that), ``2 x workers`` batches of
+hashes (at most twice `BUCKET_BYTES`, about four times that while it is de-duplicated,
+at any domain size: larger buckets are split first), ``2 x workers`` batches of
 `BATCH_BYTES` text in flight, and the held-out text with its n-grams (capped by
 ``heldout_max_documents`` / ``heldout_max_pieces``; a warning says when it is large and
 uncapped); nothing per training document or piece, and not the training text.
@@ -52,6 +52,7 @@ import numpy as np
 from merge_mix.artifacts import read_json, write_json_atomic
 from merge_mix.config import DataSpec, DomainSpec, PoolSpec
 from merge_mix.data.scan import (
+    BucketFiles,
     DomainPlan,
     bucket_digests,
     kept_digests,
@@ -176,9 +177,9 @@ def _check_digest(text: str, digest: str, where: str) -> None:
 def spill_buckets(text_bytes: int) -> int:
     """Buckets so that one holds about `BUCKET_BYTES` of n-gram hashes (a hash per word,
     about 1.6 bytes of hash per byte of text), a power of two from `SHINGLE_BUCKETS` to
-    512 (each is an open file; 1024 is a common limit): a bucket stays near `BUCKET_BYTES`
-    (de-duplicating it takes about four times that) up to ~5 GB of training text per
-    domain, and grows in proportion past it (~300 MB at 100 GB)."""
+    512 (each is an open file; 1024 is a common limit): up to ~5 GB of training text per
+    domain a bucket stays near `BUCKET_BYTES`; past that, larger buckets are split again
+    when they are de-duplicated (`_unique_bucket`)."""
     need = 1.6 * text_bytes / BUCKET_BYTES
     n = SHINGLE_BUCKETS
     while n < need and n < 512:
@@ -210,12 +211,11 @@ class ShingleSpill:
         for fh in self._files:
             fh.close()
         uniques = self.dir / "unique.u8"
-        n = 0
         with uniques.open("wb") as out:
-            for b in range(self.buckets):
-                part = np.unique(np.fromfile(self.dir / f"{b}.u8", dtype=np.uint64))
-                out.write(part.tobytes())
-                n += len(part)
+            n = sum(
+                _unique_bucket(self.dir / f"{b}.u8", int(self.shift), out)
+                for b in range(self.buckets)
+            )
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("wb") as out, uniques.open("rb") as src:
             header = {"descr": "<u8", "fortran_order": False, "shape": (n,)}
@@ -224,6 +224,28 @@ class ShingleSpill:
         tmp.replace(path)
         shutil.rmtree(self.dir, ignore_errors=True)
         return n
+
+
+def _unique_bucket(path: Path, low: int, out) -> int:
+    """Append the sorted unique hashes of bucket file `path` (hashes that agree above bit
+    `low`) to `out`; return how many. A file over twice `BUCKET_BYTES` is first split, a
+    chunk of `BUCKET_BYTES` at a time (de-duplicated), by its next 4 bits into 16 files,
+    each done the same way: memory stays near `BUCKET_BYTES` at any domain size."""
+    if path.stat().st_size <= 2 * BUCKET_BYTES or low < 4:
+        part = np.unique(np.fromfile(path, dtype=np.uint64))
+        out.write(part.tobytes())
+        return len(part)
+    low -= 4
+    parts = BucketFiles(path.with_name(path.stem + ".split"), np.dtype(np.uint64))
+    with path.open("rb") as fh:
+        while chunk := fh.read(BUCKET_BYTES):
+            hashes = np.unique(np.frombuffer(chunk, dtype=np.uint64))
+            parts.add(hashes, ((hashes >> np.uint64(low)) & np.uint64(15)).astype(np.int64))
+    parts.close()
+    path.unlink()
+    n = sum(_unique_bucket(parts.dir / f"{k}.bin", low, out) for k in parts.numbers())
+    parts.remove()
+    return n
 
 
 def covered_by(shingles: np.ndarray, paths: list[Path]) -> np.ndarray:
