@@ -214,57 +214,19 @@ def synthetic_pool(args, prefix: str) -> Iterator[dict]:
 
 
 def tiny_pool_spec(root: Path, output: str = "pool", storage_dtype: str = "float32") -> Path:
-    """Write ``root/<output>.yaml``: the test suite's tiny 3-domain pool (stdlib modules,
-    the interpreter's C headers, pydoc topics; a 2-layer model of about 80k parameters,
-    built in seconds on a CPU), for the ``--small`` modes that build a real pool."""
-    import sysconfig
-    from pydoc_data.topics import topics
+    """Write ``root/<output>.yaml``: the test suite's tiny 3-domain pool
+    (``tests/conftest.py`` `tiny_spec_dict`: stdlib modules, the interpreter's C headers,
+    pydoc topics; a 2-layer model of about 80k parameters, built in seconds on a CPU), for
+    the ``--small`` modes that build a real pool."""
+    import importlib
 
     import yaml
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    include = Path(sysconfig.get_paths()["include"])
-    root.mkdir(parents=True, exist_ok=True)
-    prose = root / "prose.jsonl"
-    if not prose.exists():
-        with prose.open("w") as fh:
-            for key in sorted(topics):
-                fh.write(json.dumps({"text": topics[key], "topic": key}) + "\n")
-    subdirs = ("email", "json", "importlib", "logging", "urllib", "xml/dom")
-    spec = {
-        "name": "tiny",
-        "output_dir": output,
-        "seed": 0,
-        "domains": {
-            "code": {
-                "sources": [{"files": str(stdlib / sub / "*.py")} for sub in subdirs],
-                "max_bytes": 300_000,
-            },
-            "c": {"sources": [{"files": str(include / "*.h")}], "max_bytes": 200_000},
-            "prose": {"sources": [{"jsonl": str(prose)}], "max_bytes": 400_000},
-        },
-        "data": {"heldout_fraction": 0.4, "max_doc_bytes": 2048},
-        "tokenizer": {"vocab_size": 512, "sample_bytes": 150_000},
-        "model": {
-            "hidden_size": 48,
-            "num_layers": 2,
-            "num_heads": 2,
-            "num_kv_heads": 2,
-            "intermediate_size": 128,
-            "seq_len": 64,
-        },
-        "training": {
-            "base_tokens": 60_000,
-            "component_tokens": 40_000,
-            "batch_size": 8,
-            "lr": 5e-3,
-            "warmup_steps": 5,
-            "eval_every": 0,
-            "eval_tokens": 4096,
-            "checkpoint_every": 10,
-            "storage_dtype": storage_dtype,
-        },
-    }
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    spec = importlib.import_module("conftest").tiny_spec_dict(root, output)
+    spec["training"]["storage_dtype"] = storage_dtype
     path = root / f"{output}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

@@ -3,6 +3,9 @@ with chunked cross-entropy, per-batch backprop in the gradient search, the memor
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +24,9 @@ from merge_mix.pool import Pool
 from merge_mix.proxy import ProxyScorer, memory_plan
 from merge_mix.search.gradient import differentiable_metrics, training_slice
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from memory_check import padded_nll  # noqa: E402  (the evaluator before token batching)
+
 W = np.array([0.2, 0.5, 0.3])
 
 
@@ -37,23 +43,6 @@ def merger(pool):
 @pytest.fixture(scope="module")
 def heldout(pool):
     return HeldoutSet.from_pool_data(pool.data_dir, pool.domains, pool.bos_id, pool.seq_len, 3000)
-
-
-def padded_reference(model, windows, n_windows, batch_size=16) -> np.ndarray:
-    """The evaluator before token batching: fixed batches of padded windows, the
-    full-vocabulary logits of the whole batch at once."""
-    out = np.zeros(n_windows)
-    with torch.no_grad():
-        for lo in range(0, n_windows, batch_size):
-            hi = min(lo + batch_size, n_windows)
-            logits = model(input_ids=windows.input_ids[lo:hi]).logits
-            nll = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]),
-                windows.labels[lo:hi].reshape(-1),
-                reduction="none",
-            )
-            out[lo:hi] = nll.view(hi - lo, -1).double().sum(dim=1).numpy()
-    return out
 
 
 def test_token_batches_hold_at_most_the_budget_and_every_window_once():
@@ -116,7 +105,7 @@ def test_token_batched_chunked_evaluator_equals_the_padded_one(
     for w in [*heldout.windows.values(), mixed_windows(pool, 1)]:
         n = w.prefix(None)[0]
         new = window_nll(model, w, n, torch.device("cpu"), "fp32", 16, batch_tokens)
-        old = padded_reference(model, w, n)
+        old = padded_nll(model, w, n)
         worst = max(worst, float(np.max(np.abs(new - old) / np.abs(old))))
     # Measured: 2.3e-9 (default budget), 8.2e-10 (200 tokens), 1.2e-7 (one window a
     # batch): float32 rounding of different matmul shapes.
@@ -128,7 +117,7 @@ def test_document_scores_unchanged_by_token_batching(pool, merger, heldout):
     scores = document_scores(model, heldout)
     for d, s in scores.items():
         w = heldout.windows[d]
-        old = padded_reference(model, w, w.prefix(None)[0])
+        old = padded_nll(model, w, w.prefix(None)[0])
         assert s.nll.sum() == pytest.approx(old.sum(), rel=1e-6)
         assert s.tokens.sum() == w.prefix(None)[1]
 
@@ -154,7 +143,7 @@ def test_chunked_head_is_exact_for_an_untied_llama(heldout, monkeypatch):
     w = heldout.windows["c"]
     n = min(w.prefix(None)[0], 24)
     new = window_nll(model, w, n, torch.device("cpu"), "fp32")
-    old = padded_reference(model, w, n)
+    old = padded_nll(model, w, n)
     assert np.max(np.abs(new - old) / old) < 2e-6
 
 
