@@ -91,6 +91,11 @@ class DataSpec:
     """At most this many held-out documents per domain (the first drawn, in hash order);
     later drawn documents train instead. Bounds the scoring cost of domains made of many
     small documents."""
+    heldout_max_bytes: int | None = 64 << 20
+    """At most this many bytes of held-out pieces per domain (documents drawn in hash
+    order while the bytes drawn before each are under it; later drawn documents train
+    instead): a large domain's held-out text stays a few million tokens, enough for tight
+    intervals, and within memory while it is decontaminated. None: no cap."""
     heldout_max_pieces: int | None = None
     """A held-out document keeps at most its first this many pieces (the rest of it is
     neither trained on nor scored), so a few long documents do not dominate a domain's
@@ -105,6 +110,15 @@ class DataSpec:
     so held-out scoring never sees one document dominate a domain."""
     min_doc_bytes: int = 64
     """Pieces shorter than this are dropped (boilerplate stubs, empty files)."""
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide a domain's data, for hashes recorded in a pool: a field
+        added after pools were first recorded is left out at its default, so those pools
+        keep their hashes."""
+        out = dataclasses.asdict(self)
+        if out["heldout_max_bytes"] == DataSpec.heldout_max_bytes:
+            del out["heldout_max_bytes"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -261,6 +275,8 @@ def _check(spec: PoolSpec, where: str) -> None:
         fail("data.test_fraction", "must be in (0, 1)")
     if spec.data.heldout_max_documents is not None and spec.data.heldout_max_documents < 2:
         fail("data.heldout_max_documents", "must be >= 2 (each held-out split needs documents)")
+    if spec.data.heldout_max_bytes is not None and spec.data.heldout_max_bytes < 1:
+        fail("data.heldout_max_bytes", "must be >= 1 (or null for no cap)")
     if spec.data.heldout_max_pieces is not None and spec.data.heldout_max_pieces < 1:
         fail("data.heldout_max_pieces", "must be >= 1")
     if not 0.0 < spec.data.near_duplicate_threshold <= 1.0:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_mix.artifacts import file_lock, library_versions, read_json, write_json_atomic
-from merge_mix.config import PoolSpec
+from merge_mix.config import DataSpec, PoolSpec
 from merge_mix.errors import MergeMixError
 from merge_mix.pool import (
     FORMAT_VERSION,
@@ -68,9 +68,7 @@ def _general_mixture(spec: PoolSpec, data: dict, domains: list[str]) -> dict[str
 def _sources_hash(spec: PoolSpec, domain: str) -> str:
     d = next(x for x in spec.domains if x.name == domain)
     fields = {**dataclasses.asdict(d), "sources": [s.identity() for s in d.sources]}
-    blob = json.dumps(fields, sort_keys=True) + json.dumps(
-        dataclasses.asdict(spec.data), sort_keys=True
-    )
+    blob = json.dumps(fields, sort_keys=True) + json.dumps(spec.data.identity(), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -136,6 +134,9 @@ def _check_same_spec(spec: PoolSpec, pool_dir: Path) -> None:
     new = _frozen_spec(spec)
     # Pools built before training.storage_dtype existed saved float32.
     old["frozen"].get("training", {}).setdefault("storage_dtype", "float32")
+    # Pools built before data.heldout_max_bytes existed are read as having its default:
+    # the cap differs from no cap only for a domain holding out over 64 MB.
+    old["frozen"].get("data", {}).setdefault("heldout_max_bytes", DataSpec.heldout_max_bytes)
     for section, names in RUNTIME_FIELDS.items():
         old["frozen"][section] = {
             k: v for k, v in old["frozen"].get(section, {}).items() if k not in names

@@ -161,9 +161,15 @@ def test_streaming_plan_splits_like_the_in_memory_rules(tmp_path):
     from merge_mix.data.scan import plan_domain
     from merge_mix.data.split import build_domain
 
-    spec = load_spec(write_spec(tmp_path, _spec_dict(tmp_path)))
+    raw = _spec_dict(tmp_path)
+    raw["data"]["heldout_max_bytes"] = 20_000  # a cap on held-out bytes that bites
+    spec = load_spec(write_spec(tmp_path, raw))
     domain = spec.domains[1]  # capped by max_bytes
     corpus = build_domain(domain, spec.data, "d")
+    held = [
+        sum(len(p.encode()) for p in doc) for s in ("search", "test") for doc in corpus.splits[s]
+    ]
+    assert sum(held) - max(held) < 20_000 <= sum(held)  # drawn while under the cap
     plan = scan_domain(domain, spec.data, "d", tmp_path / "plan", workers=1)
     plan_domain(plan, domain.max_bytes, spec.data)
     assert list(plan.digests()) == corpus.digests
@@ -397,4 +403,32 @@ def test_large_uncapped_heldout_text_is_announced(tmp_path, monkeypatch, caplog)
         _prepare(tmp_path, 1)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     # code (capped at 60 KB) holds ~54 KB held out, mail ~63 KB: both over 50,000 bytes.
-    assert len(warned) == 2 and all("set data.heldout_max_documents" in w for w in warned)
+    assert len(warned) == 2 and all("set data.heldout_max_bytes" in w for w in warned)
+
+
+def test_a_pool_recorded_before_heldout_max_bytes_keeps_its_spec(
+    tiny_spec_path, tiny_pool, tmp_path
+):
+    """Pools recorded before `data.heldout_max_bytes` existed are read as having its
+    default: the same sources hashes, no "spec differs" error; another value is refused."""
+    import shutil
+
+    from merge_mix.config import DataSpec
+    from merge_mix.pool_build import _check_same_spec
+
+    assert "heldout_max_bytes" not in DataSpec().identity()
+    assert DataSpec(heldout_max_bytes=5).identity()["heldout_max_bytes"] == 5
+    spec = load_spec(tiny_spec_path)
+    old = tmp_path / "pool"
+    (old / "data").mkdir(parents=True)
+    shutil.copy(tiny_pool / "data" / "data.json", old / "data" / "data.json")
+    recorded = json.loads((tiny_pool / "spec.json").read_text())
+    del recorded["frozen"]["data"]["heldout_max_bytes"]  # as an older merge-mix wrote it
+    (old / "spec.json").write_text(json.dumps(recorded))
+    _check_same_spec(spec, old)
+    recorded["frozen"]["data"]["heldout_max_bytes"] = None
+    (old / "spec.json").write_text(json.dumps(recorded))
+    with pytest.raises(
+        MergeMixError, match=r"data\.heldout_max_bytes differs .* \(None in the pool"
+    ):
+        _check_same_spec(spec, old)

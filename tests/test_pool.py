@@ -291,6 +291,7 @@ def test_changed_spec_is_refused(tiny_spec_path, tiny_pool, tmp_path):
         ),
         (lambda s: s["training"].update(component_tokens=50_000_000), "over max_epochs"),
         (lambda s: s.update(general_share=1.5), "general_share: must be in"),
+        (lambda s: s["data"].update(heldout_max_bytes=0), "data.heldout_max_bytes: must be >= 1"),
     ],
 )
 def test_bad_specs_fail_with_one_line(tiny_spec_path, tmp_path, mutate, expected):

@@ -18,7 +18,8 @@ several times:
    batches; tokens are appended to the shard as they come back (`ShardWriter`), n-gram
    hashes spilled to disk in `spill_buckets` files by their top bits and de-duplicated
    one bucket at a time (`ShingleSpill`). Held-out documents (a ``heldout_fraction``
-   share, capped by ``heldout_max_documents`` x ``heldout_max_pieces``) are kept in
+   share, capped by ``heldout_max_bytes``, ``heldout_max_documents`` and
+   ``heldout_max_pieces``) are kept in
    memory as text. A domain's training shard is done when ``train.done.json`` is written,
    after its tokens, index and shingles: a rerun after an interrupt skips such domains'
    tokenizing (if nothing that decides their content changed) and redoes any other.
@@ -32,13 +33,12 @@ Memory: one digest file of the scan's rows or one range of its routes
 hashes (at most twice `BUCKET_BYTES`, about four times that while it is de-duplicated,
 at any domain size: larger buckets are split first), ``2 x workers`` batches of
 `BATCH_BYTES` text in flight, and the held-out text with its n-grams (capped by
-``heldout_max_documents`` / ``heldout_max_pieces``; a warning says when it is large and
+``heldout_max_bytes``, 64 MB by default; a warning says when it is large and
 uncapped); nothing per training document or piece, and not the training text.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -370,7 +370,7 @@ def _protect(plans, domains, where, existing, earlier_train, spec, workers, show
 def _train_key(plan: DomainPlan, spec: PoolSpec, tok_sha: str, dropped) -> str:
     blob = hashlib.sha256()
     plan.update_train_hash(blob)
-    blob.update(json.dumps(dataclasses.asdict(spec.data), sort_keys=True).encode())
+    blob.update(json.dumps(spec.data.identity(), sort_keys=True).encode())
     blob.update(tok_sha.encode())
     blob.update(json.dumps(sorted((r, sorted(js)) for r, js in dropped.items())).encode())
     return blob.hexdigest()
@@ -457,8 +457,8 @@ def _warn_heldout_size(plan: DomainPlan, data: DataSpec, where: str) -> None:
     if held > HELDOUT_WARN_BYTES:
         logger.warning(
             "%s: %d MB of held-out text (heldout_fraction %g) will be held in memory while"
-            " it is decontaminated; set data.heldout_max_documents or"
-            " data.heldout_max_pieces to cap it",
+            " it is decontaminated; set data.heldout_max_bytes (or heldout_max_documents,"
+            " heldout_max_pieces) to cap it",
             where, held >> 20, data.heldout_fraction,
         )  # fmt: skip
 

@@ -212,8 +212,10 @@ def _split_bucket(kept: np.ndarray, data: DataSpec | None, state: dict) -> None:
             continue
         if not piece_bytes:
             continue
-        code = SPLIT_CODE[split_of(digest.decode(), data, state["held"])]
-        state["held"] += code != SPLIT_CODE["train"]
+        code = SPLIT_CODE[split_of(digest.decode(), data, state["held"], state["bytes"])]
+        if code != SPLIT_CODE["train"]:
+            state["held"] += 1
+            state["bytes"] += piece_bytes
         kept["split"][i] = code
         kept["rank"][i] = state[code]
         state[code] += 1
@@ -235,7 +237,7 @@ def plan_domain(
     kept_files = BucketFiles(plan.directory / "kept", KEPT_DTYPE)
     routes = BucketFiles(plan.directory / "routes", ROUTE_DTYPE)
     chunk = max(ROUTE_CHUNK, -(-plan.n_read // DIGEST_BUCKETS))
-    state = {"held": 0, **dict.fromkeys(SPLIT_CODE.values(), 0)}
+    state = {"held": 0, "bytes": 0, **dict.fromkeys(SPLIT_CODE.values(), 0)}
     taken = unique = kept_n = cross = 0
     counts: dict[int, int] = {}
     sizes: dict[int, int] = {}

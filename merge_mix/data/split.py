@@ -16,7 +16,7 @@ Everything below is decided from those rows, never from texts, one digest bucket
   uniform draw, fall under `data.heldout_fraction` (`is_heldout`); a held-out document is
   ``test`` or ``search`` by the 32 bits before those (`heldout_role`). Documents with no
   piece of at least `data.min_doc_bytes` are dropped; held-out documents past
-  `data.heldout_max_documents` (digest order) train instead.
+  `data.heldout_max_documents` or `data.heldout_max_bytes` (digest order) train instead.
 
 Documents are cut at line boundaries into pieces of at most `data.max_doc_bytes`
 (`cut_pieces`); a held-out document keeps its first `data.heldout_max_pieces` pieces.
@@ -117,11 +117,13 @@ def doc_info(texts: Iterable[str], data: DataSpec) -> np.ndarray:
     return np.array(rows, dtype=DOC_DTYPE)
 
 
-def split_of(digest: str, data: DataSpec, held: int) -> str:
-    """``train``, ``search`` or ``test`` for a document with pieces, `held` documents
-    having been held out before it (digest order)."""
-    if is_heldout(digest, data.heldout_fraction) and (
-        data.heldout_max_documents is None or held < data.heldout_max_documents
+def split_of(digest: str, data: DataSpec, held: int, held_bytes: int) -> str:
+    """``train``, ``search`` or ``test`` for a document with pieces, `held` documents with
+    `held_bytes` bytes of pieces having been held out before it (digest order)."""
+    if (
+        is_heldout(digest, data.heldout_fraction)
+        and (data.heldout_max_documents is None or held < data.heldout_max_documents)
+        and (data.heldout_max_bytes is None or held_bytes < data.heldout_max_bytes)
     ):
         return heldout_role(digest, data.test_fraction)
     return "train"
@@ -188,14 +190,15 @@ def split_domain(
     """Split documents (by SHA-256) into train / search / test and cut them into pieces:
     the rules of `merge_mix.data.scan.plan_domain` on texts held in memory."""
     corpus = DomainCorpus(name=name, stats=dict(stats or {}))
-    held = trimmed = 0
+    held = held_bytes = trimmed = 0
     for digest in sorted(docs):
         pieces = document_pieces(docs[digest], data)
         if not pieces:
             continue
-        split = split_of(digest, data, held)
+        split = split_of(digest, data, held, held_bytes)
         if split != "train":
             held += 1
+            held_bytes += sum(len(p.encode("utf-8")) for p in pieces)
             pieces, cut = trim_heldout(pieces, data)
             trimmed += cut
         corpus.splits[split].append(pieces)
