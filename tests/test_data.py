@@ -432,3 +432,21 @@ def test_a_pool_recorded_before_heldout_max_bytes_keeps_its_spec(
         MergeMixError, match=r"data\.heldout_max_bytes differs .* \(None in the pool"
     ):
         _check_same_spec(spec, old)
+
+
+def test_the_open_file_limit_is_raised_for_the_bucket_files():
+    import subprocess
+    import sys
+
+    # A fresh process with macOS's default soft limit (256): the stage's 256 scan files,
+    # up to 512 n-gram buckets and 256 index groups would not fit under it.
+    code = (
+        "import resource; from merge_mix.data.scan import allow_open_files, OPEN_FILES\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "allow_open_files()\n"
+        "cap = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == cap)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

@@ -54,6 +54,7 @@ from merge_mix.config import DataSpec, DomainSpec, PoolSpec
 from merge_mix.data.scan import (
     BucketFiles,
     DomainPlan,
+    allow_open_files,
     bucket_digests,
     kept_digests,
     plan_domain,
@@ -439,6 +440,7 @@ def prepare_domains(
     """Prepare every spec domain not in `data` (``data.json``, updated and written last).
     `sources_hash(spec, name)` is recorded per domain; `workers` defaults to the cores
     available."""
+    allow_open_files()
     try:
         return _prepare_domains(spec, pool_dir, data, sources_hash, workers, show_progress)
     finally:  # the first pass's files, whether the stage finished or not

@@ -42,6 +42,24 @@ _HEX = np.full(256, -1, dtype=np.int64)
 _HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
 
 
+OPEN_FILES = 2048
+"""Open files the data stage may need at once: 256 scan or kept files, up to 256 route
+files, up to 512 n-gram buckets and 256 index groups, with room to spare."""
+
+
+def allow_open_files(n: int = OPEN_FILES) -> None:
+    """Raise this process's soft limit on open files to `n` (or the hard limit, if lower):
+    the default soft limit is 1024 on Linux and 256 on macOS."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n if hard == resource.RLIM_INFINITY else min(n, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def digest_bucket(digests: np.ndarray) -> np.ndarray:
     """The bucket (0-255) of each ``S64`` hex digest: its first two hex digits."""
     raw = np.frombuffer(np.ascontiguousarray(digests, dtype="S64").tobytes(), np.uint8)
