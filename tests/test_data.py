@@ -351,6 +351,22 @@ def test_a_source_that_changes_between_passes_is_one_error(tmp_path, monkeypatch
         _prepare(tmp_path, 1)
 
 
+def test_a_source_that_shrinks_between_passes_is_one_error(tmp_path, monkeypatch):
+    import merge_mix.data.prepare as prepare
+
+    real = prepare.domain_documents
+    calls = itertools.count()
+
+    def shrinking(*args, **kwargs):
+        late = next(calls) >= 2  # later passes lose the source's last documents
+        texts = list(real(*args, **kwargs))
+        yield from texts[: len(texts) // 2] if late else texts
+
+    monkeypatch.setattr(prepare, "domain_documents", shrinking)
+    with pytest.raises(MergeMixError, match=r"domains\.code: a source changed"):
+        _prepare(tmp_path, 1)
+
+
 def test_spilled_shingles_are_the_sorted_union_and_cover_like_isin(tmp_path):
     from merge_mix.data.prepare import ShingleSpill, covered_by
 

@@ -165,6 +165,8 @@ def _documents_of(plan: DomainPlan, domain, where, desc, show_progress) -> Itera
         if i == route[0]:
             yield route[1], route[2], route[3], text
             route = next(routes, None)
+    if route is not None:  # the source ended before a document the plan keeps
+        _check_digest("", route[3], where)
 
 
 def _check_digest(text: str, digest: str, where: str) -> None:
