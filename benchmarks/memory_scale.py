@@ -26,6 +26,8 @@ Built once, reused by later runs. Then each measurement runs in a fresh process
   sets of documents of mixed lengths (``memory_check.mixed_windows``' pieces, and the
   ``config`` domain's search split as it is), alternated A B A B ... with one torch
   thread; the median ratio, the load average, the largest relative difference per window.
+  With ``--vocab N`` the model is the base's shape with an N-token vocabulary, randomly
+  initialised (e.g. 128,256, Llama 3's: the LM head's share of a real base's work).
 
 Linux only (``/proc/self/status``). Prints each part's figures; ``--json`` writes them all.
 """
@@ -335,10 +337,14 @@ def part_stream(pool_dir: Path) -> dict:
     }
 
 
-def part_evaluator(pool_dir: Path, pieces: int, batch_size: int, seq_len: int, repeats: int):
+def part_evaluator(
+    pool_dir: Path, pieces: int, batch_size: int, seq_len: int, repeats: int, vocab: int | None
+):
     """Two sets of documents of mixed lengths, windows of `seq_len`: `pieces` pieces of 3
     to 2.5 x seq_len tokens cut from the search split (memory_check's), and the search
-    split of the ``config`` domain as it is (short files)."""
+    split of the ``config`` domain as it is (short files). With `vocab`, the model is the
+    base's shape with that vocabulary (e.g. Llama 3's 128,256), randomly initialised
+    (seed 0): the LM head's share of the work is then a real base's."""
     import torch
     from memory_check import mixed_windows
 
@@ -349,8 +355,18 @@ def part_evaluator(pool_dir: Path, pieces: int, batch_size: int, seq_len: int, r
     torch.set_num_threads(1)
     pool = Pool.open(pool_dir)
     model = load_model(pool.base_dir).eval()
+    if vocab is not None:
+        from transformers import AutoModelForCausalLM
+
+        model.config.vocab_size = vocab
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(model.config).float().eval()
     config = HeldoutSet.from_pool_data(pool.data_dir, ["config"], pool.bos_id, seq_len, None)
-    out = {"model_parameters": sum(p.numel() for p in model.parameters()), "torch_threads": 1}
+    out = {
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": model.config.vocab_size,
+        "torch_threads": 1,
+    }
     for name, windows in (
         ("mixed_pieces", mixed_windows(pool, pieces=pieces, seed=0, seq_len=seq_len)),
         ("config_search_split", config.windows["config"]),
@@ -484,6 +500,9 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256, help="evaluator: window length")
     ap.add_argument("--batch-size", type=int, default=16, help="evaluator: rows (padded)")
     ap.add_argument("--repeats", type=int, default=3, help="evaluator: A/B pairs")
+    ap.add_argument(
+        "--vocab", type=int, help="evaluator: the base's shape with this vocabulary, random"
+    )
     ap.add_argument("--part", choices=("build", *PARTS), help="run one part in this process")
     ap.add_argument("--json", help="write every figure to this JSON file")
     args = ap.parse_args()
@@ -498,7 +517,9 @@ def main() -> int:
         elif args.part == "stream":
             r = part_stream(pool_dir)
         else:
-            r = part_evaluator(pool_dir, args.pieces, args.batch_size, args.seq_len, args.repeats)
+            r = part_evaluator(
+                pool_dir, args.pieces, args.batch_size, args.seq_len, args.repeats, args.vocab
+            )
         print("RESULT " + json.dumps(r))
         return 0
 
