@@ -41,7 +41,6 @@ ROUTE_DTYPE = np.dtype([("ordinal", "<i8"), ("split", "i1"), ("rank", "<i8"), ("
 _HEX = np.full(256, -1, dtype=np.int64)
 _HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
 
-
 OPEN_FILES = 2048
 """Open files the data stage may need at once: 256 scan or kept files, up to 256 route
 files, up to 512 n-gram buckets and 256 index groups, with room to spare."""
@@ -148,8 +147,9 @@ class DomainPlan:
         for c in files.numbers():
             rows = files.read(c)
             rows = rows[np.argsort(rows["ordinal"], kind="stable")]
-            for ordinal, code, rank, digest in rows.tolist():
-                yield ordinal, code, rank, digest.decode()
+            for lo in range(0, len(rows), 4096):  # as Python objects a few at a time
+                for ordinal, code, rank, digest in rows[lo : lo + 4096].tolist():
+                    yield ordinal, code, rank, digest.decode()
 
     def count(self, split: str) -> int:
         return self.counts.get(SPLIT_CODE[split], 0)
