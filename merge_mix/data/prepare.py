@@ -56,7 +56,6 @@ from merge_mix.data.scan import (
     DomainPlan,
     allow_open_files,
     bucket_digests,
-    kept_digests,
     plan_domain,
     spill_scan,
 )
@@ -480,12 +479,13 @@ def _prepare_domains(spec, pool_dir, data, sources_hash, workers, show_progress)
         directory = data_dir / d.name / PLAN_DIR
         plans.append(scan_domain(d, spec.data, where[d.name], directory, workers, show_progress))
     earlier = list(data["domains"])
-    taken = [bucket_digests(pool_digests(data_dir, earlier), data_dir / f"{PLAN_DIR}.pool")]
+    in_pool = bucket_digests(pool_digests(data_dir, earlier), data_dir / f"{PLAN_DIR}.pool")
+    taken = [in_pool.read]
     for plan, d in zip(plans, todo, strict=True):
         plan_domain(plan, d.max_bytes, spec.data, taken)
         check_split(plan.count("train"), "train", where[plan.name])
         _warn_heldout_size(plan, spec.data, where[plan.name])
-        taken.append(kept_digests(plan))
+        taken.append(plan.kept_digests)
     tok_dir = pool_dir / "tokenizer"
     if not (tok_dir / "tokenizer_config.json").is_file():
         if spec.tokenizer.path is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,10 @@ class DomainPlan:
         for b in files.numbers():
             yield files.read(b)
 
+    def kept_digests(self, b: int) -> np.ndarray:
+        """The digests kept in bucket `b` (what later domains must not take again)."""
+        return BucketFiles(self.directory / "kept", KEPT_DTYPE, fresh=False).read(b)["digest"]
+
     def routes(self) -> Iterator[tuple[int, int, int, str]]:
         """``(ordinal, split code, rank, digest)`` of every document with pieces, in read
         order (one route file in memory at a time)."""
@@ -177,9 +181,7 @@ class DomainPlan:
         """First training rank of each group of consecutive documents: a group starts
         where the piece bytes before a document cross a multiple of `text_per_group`
         (raised so that there are at most about `most` groups)."""
-        total = sum(
-            int(r["piece_bytes"][r["split"] == SPLIT_CODE["train"]].sum()) for r in self.kept()
-        )
+        total = self.piece_bytes.get(SPLIT_CODE["train"], 0)
         step = max(text_per_group, -(-total // most), 1)
         bounds, last, rank = [0], 0, 0
         for before in self.train_bytes_before():
@@ -243,11 +245,12 @@ def plan_domain(
     plan: DomainPlan,
     max_bytes: int | None,
     data: DataSpec | None,
-    earlier: Sequence[BucketFiles] = (),
+    earlier: Sequence[Callable[[int], np.ndarray]] = (),
 ) -> DomainPlan:
     """Decide, bucket by bucket in digest order, which documents `plan`'s scan keeps and
     where they go: de-duplicate (first occurrence), cap at `max_bytes` (documents taken in
-    digest order while the bytes taken are under it), drop digests in `earlier`, then
+    digest order while the bytes taken are under it), drop the digests that `earlier` (one
+    function per earlier domain: bucket number -> its digests) gives for the bucket, then
     split by `data`'s rules (with `data` None, every kept document is routed as training
     text without a rank: a target set is read that way). Writes the kept rows and the
     routes, and removes the scan's files."""
@@ -269,8 +272,8 @@ def plan_domain(
             rows = rows[before < max_bytes]
         taken += int(rows["bytes"].sum())
         kept_n += len(rows)
-        for other in earlier:
-            dup = np.isin(rows["digest"], other.read(b))
+        for digests_in in earlier:
+            dup = np.isin(rows["digest"], digests_in(b))
             cross += int(dup.sum())
             rows = rows[~dup]
         kept = copy_fields(rows, KEPT_DTYPE)
@@ -294,8 +297,3 @@ def plan_domain(
     if data is not None:
         plan.stats["cross_domain_duplicates_removed"] = cross
     return plan
-
-
-def kept_digests(plan: DomainPlan) -> BucketFiles:
-    """`plan`'s kept digests as bucket files (what later domains must not take again)."""
-    return bucket_digests((rows["digest"] for rows in plan.kept()), plan.directory / "digests")
