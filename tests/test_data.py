@@ -225,27 +225,31 @@ def test_shard_writer_orders_pieces_by_document_from_any_arrival_order(tmp_path)
         [(0, 1), (1, 0), (1, 1)],
         [(3, 0), (3, 1), (4, 0), (5, 1)],
     ]
+    in_order = [[(r, j) for r in range(6) for j in range(2)][k : k + 5] for k in (0, 5, 10)]
     out = {}
-    for groups in (None, [0, 12, 14]):
-        writer = ShardWriter(tmp_path / str(groups is None), "train", np.uint16, groups)
-        for keys in arrival:
+    for name, groups, batches in [
+        ("one group", None, arrival),
+        ("groups", [0, 12, 14], arrival),
+        ("in order", [0, 12, 14], in_order),  # the part file is kept as it is
+    ]:
+        writer = ShardWriter(tmp_path / name, "train", np.uint16, groups)
+        for keys in batches:
             writer.add(*batch(keys))
+        assert writer.in_order == (batches is in_order)
         counts = writer.finish()
-        d = tmp_path / str(groups is None)
-        out[groups is None] = (
-            np.fromfile(d / "train.tokens", np.uint16),
-            np.load(d / "train.index.npy"),
-        )
+        d = tmp_path / name
+        out[name] = (np.fromfile(d / "train.tokens", np.uint16), np.load(d / "train.index.npy"))
         assert not list(d.glob("*.part*"))
     expected = [t for r in range(6) for j in range(2) for t in [1, *pieces[r][j], 2]]
-    tokens, index = out[False]
+    tokens, index = out["groups"]
     assert tokens.tolist() == expected
     assert index[:, 3].tolist() == [r for r in range(6) for _ in range(2)]
     assert [tokens[s : s + n].tolist() for s, n, _, _ in index] == [
         pieces[r][j] for r in range(6) for j in range(2)
     ]
     assert counts == {"documents": 6, "pieces": 12, "tokens": 24, "stream_tokens": 48, "bytes": 84}
-    assert all(np.array_equal(a, b) for a, b in zip(out[True], out[False], strict=True))
+    for name in ("one group", "in order"):
+        assert all(np.array_equal(a, b) for a, b in zip(out[name], out["groups"], strict=True))
 
 
 def test_an_interrupted_domain_is_redone_and_a_done_one_is_not(tmp_path, monkeypatch):

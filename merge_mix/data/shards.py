@@ -125,15 +125,27 @@ class ShardWriter:
         self.groups = np.zeros(1, np.int64) if groups is None else np.asarray(groups, np.int64)
         self._fh = self.part.open("wb")
         self._rows = BucketFiles(self.out_dir / f"{split}.rows.parts", ROW_DTYPE)
-        self.pos = self.n_pieces = 0
+        self.pos = self.n_pieces = self._row_tokens = 0
+        self._last = (-1, -1)  # (rank, piece) of the last row added
+        self.in_order = True
+        """Whether every piece so far came after the one before it in (rank, piece) order:
+        then the part file is already in document order."""
 
     def add(self, tokens: np.ndarray, rows: np.ndarray) -> None:
         if len(rows):
             rows = np.array(rows, dtype=np.int64).view(ROW_DTYPE).reshape(-1)  # a copy
             rows["start"] += self.pos
-            group = np.searchsorted(self.groups, rows["rank"], side="right") - 1
+            rank, piece = rows["rank"], rows["piece"]
+            if self.in_order:
+                before_rank = np.r_[self._last[0], rank[:-1]]
+                before_piece = np.r_[self._last[1], piece[:-1]]
+                after = (rank > before_rank) | ((rank == before_rank) & (piece > before_piece))
+                self.in_order = bool(after.all())
+            self._last = (int(rank[-1]), int(piece[-1]))
+            group = np.searchsorted(self.groups, rank, side="right") - 1
             self._rows.add(rows, group)
             self.n_pieces += len(rows)
+            self._row_tokens += int((rows["n_tokens"] + 2).sum())
         self._fh.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
         self.pos += len(tokens)
 
@@ -142,57 +154,61 @@ class ShardWriter:
         self._rows.remove()
         self.part.unlink(missing_ok=True)
 
-    def _sorted_groups(self):
-        """Each group's rows sorted by (rank, piece), in rank order."""
+    def _write_index(self, out, counts: dict[str, int]):
+        """Write the index one group at a time (rows sorted by (rank, piece), documents
+        renumbered densely) to `out`, adding to `counts`; yield each group's runs of the
+        part file (starts and lengths in tokens) in that order, for the copy."""
+        start = 0
         for g in self._rows.numbers():
             rows = self._rows.read(g)
-            yield rows[np.lexsort((rows["piece"], rows["rank"]))]
+            rows = rows[np.lexsort((rows["piece"], rows["rank"]))]
+            index = np.zeros((len(rows), 4), dtype=np.int64)
+            lengths = rows["n_tokens"] + 2
+            index[:, 0] = start + np.concatenate([[0], np.cumsum(lengths)[:-1]]) + 1
+            index[:, 1] = rows["n_tokens"]
+            index[:, 2] = rows["n_bytes"]
+            _, dense = np.unique(rows["rank"], return_inverse=True)
+            index[:, 3] = counts["documents"] + dense.reshape(-1)
+            out.write(index.tobytes())
+            start += int(lengths.sum())
+            counts["documents"] += int(dense.max()) + 1 if len(rows) else 0
+            counts["tokens"] += int(rows["n_tokens"].sum())
+            counts["bytes"] += int(rows["n_bytes"].sum())
+            yield rows["start"], lengths
 
     def finish(self) -> dict[str, int]:
         """Write ``<split>.tokens`` and ``<split>.index.npy`` with the pieces sorted by
-        (document, piece) and documents renumbered densely; return the counts."""
+        (document, piece) and documents renumbered densely, reading each group of rows
+        once; return the counts."""
         self._fh.close()
         self._rows.close()
         index_tmp = self.out_dir / f"{self.split}.index.npy.tmp"
-        in_order = True
-        start = documents = tokens = n_bytes = 0
+        final = self.out_dir / f"{self.split}.tokens"
+        tmp = self.out_dir / f"{self.split}.tokens.tmp"
+        counts = {
+            "documents": 0,
+            "pieces": self.n_pieces,
+            "tokens": 0,
+            "stream_tokens": self.pos,
+            "bytes": 0,
+        }
         with index_tmp.open("wb") as out:
             header = {"descr": "<i8", "fortran_order": False, "shape": (self.n_pieces, 4)}
             np.lib.format.write_array_header_1_0(out, header)
-            for rows in self._sorted_groups():
-                index = np.zeros((len(rows), 4), dtype=np.int64)
-                lengths = rows["n_tokens"] + 2
-                index[:, 0] = start + np.concatenate([[0], np.cumsum(lengths)[:-1]]) + 1
-                index[:, 1] = rows["n_tokens"]
-                index[:, 2] = rows["n_bytes"]
-                _, dense = np.unique(rows["rank"], return_inverse=True)
-                index[:, 3] = documents + dense.reshape(-1)
-                in_order &= bool(np.array_equal(rows["start"], index[:, 0] - 1))
-                out.write(index.tobytes())
-                start += int(lengths.sum())
-                documents += int(dense.max()) + 1 if len(rows) else 0
-                tokens += int(rows["n_tokens"].sum())
-                n_bytes += int(rows["n_bytes"].sum())
-        final = self.out_dir / f"{self.split}.tokens"
-        tmp = self.out_dir / f"{self.split}.tokens.tmp"
-        if in_order and self.pos == start:
-            self.part.replace(tmp)  # already in document order
-        else:
-            runs = ((rows["start"], rows["n_tokens"] + 2) for rows in self._sorted_groups())
-            _copy_in_order(self.part, tmp, self.dtype, runs)
-            self.part.unlink()
+            runs = self._write_index(out, counts)
+            if self.in_order and self.pos == self._row_tokens:
+                for _ in runs:  # the index only: the part file is in document order
+                    pass
+                self.part.replace(tmp)
+            else:
+                _copy_in_order(self.part, tmp, self.dtype, runs)
+                self.part.unlink()
         self._rows.remove()
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
         index_tmp.replace(self.out_dir / f"{self.split}.index.npy")
         tmp.replace(final)
-        return {
-            "documents": documents,
-            "pieces": self.n_pieces,
-            "tokens": tokens,
-            "stream_tokens": self.pos,
-            "bytes": n_bytes,
-        }
+        return counts
 
 
 def _copy_in_order(src: Path, dst: Path, dtype, runs):
