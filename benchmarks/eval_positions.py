@@ -14,6 +14,21 @@ import argparse
 import sys
 
 
+def positions(windows, batch_size: int = 16) -> dict[str, int]:
+    """Positions the padded evaluator computed (``windows x seq_len``), those the
+    token-batched one computes (each batch at its longest window), and the scored ones."""
+    from merge_mix.evaluate import token_batches, window_lengths
+
+    n, seq = windows.input_ids.shape
+    lengths = window_lengths(windows, n)
+    batches = token_batches(lengths, batch_size * seq)
+    return {
+        "padded": int(n * seq),
+        "token_batched": int(sum(len(b) * lengths[b[0]] for b in batches)),
+        "scored": int((windows.labels != -100).sum()),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pools", nargs="+")
@@ -21,7 +36,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16, help="rows per padded batch")
     args = ap.parse_args()
 
-    from merge_mix.evaluate import HeldoutSet, token_batches, window_lengths
+    from merge_mix.evaluate import HeldoutSet
     from merge_mix.pool import Pool
 
     for path in args.pools:
@@ -33,11 +48,7 @@ def main() -> int:
         total = [0, 0, 0]
         for domain, w in held.windows.items():
             n = w.input_ids.shape[0]
-            lengths = window_lengths(w, n)
-            batched = sum(
-                len(b) * lengths[b[0]] for b in token_batches(lengths, args.batch_size * seq)
-            )
-            row = [n * seq, int(batched), int((w.labels != -100).sum())]
+            row = list(positions(w, args.batch_size).values())
             total = [a + b for a, b in zip(total, row, strict=True)]
             print(
                 f"{path} {domain}: {n} windows of {seq}; positions padded {row[0]:,},"

@@ -381,14 +381,15 @@ def alternate(model, windows, batch_size: int, repeats: int) -> dict:
     after one warm-up each."""
     import numpy as np
     import torch
+    from eval_positions import positions
     from memory_check import padded_nll
 
-    from merge_mix.evaluate import token_batches, window_lengths, window_nll
+    from merge_mix.evaluate import window_nll
 
     cpu = torch.device("cpu")
     n, seq_len = windows.input_ids.shape
-    scored = int((windows.labels != -100).sum())
-    lengths = window_lengths(windows, n)
+    counted = positions(windows, batch_size)
+    scored = counted["scored"]
     padded_nll(model, windows, min(n, 2), batch_size)
     window_nll(model, windows, min(n, 2), cpu, "fp32", batch_size)
     runs = []
@@ -415,15 +416,14 @@ def alternate(model, windows, batch_size: int, repeats: int) -> dict:
             file=sys.stderr,
             flush=True,
         )
-    batches = token_batches(lengths, batch_size * seq_len)
     return {
         "seq_len": int(seq_len),
         "batch_size": batch_size,
         "windows": int(n),
         "pieces": len(windows.piece_end),
         "scored_tokens": scored,
-        "positions_padded": int(n * seq_len),
-        "positions_token_batched": int(sum(len(b) * lengths[b[0]] for b in batches)),
+        "positions_padded": counted["padded"],
+        "positions_token_batched": counted["token_batched"],
         "runs": runs,
         "median_ratio": statistics.median(r["ratio"] for r in runs),
         "median_tokens_per_s_padded": statistics.median(scored / r["padded_s"] for r in runs),
